@@ -398,6 +398,8 @@ def _decode_subscribe(first: int, body: memoryview, version: int) -> Subscribe:
     _check_flags(first, 0x02, "SUBSCRIBE")  # MQTT-3.8.1-1
     r = Reader(body)
     packet_id = r.u16()
+    if packet_id == 0:
+        raise MalformedPacket("SUBSCRIBE with packet identifier 0")  # MQTT-2.3.1-1
     props = decode_properties(r) if version == MQTT_5 else NO_PROPERTIES
     subs: list[tuple[str, SubscriptionOptions]] = []
     while r.remaining:
@@ -418,6 +420,8 @@ def _decode_unsubscribe(first: int, body: memoryview, version: int) -> Unsubscri
     _check_flags(first, 0x02, "UNSUBSCRIBE")  # MQTT-3.10.1-1
     r = Reader(body)
     packet_id = r.u16()
+    if packet_id == 0:
+        raise MalformedPacket("UNSUBSCRIBE with packet identifier 0")  # MQTT-2.3.1-1
     props = decode_properties(r) if version == MQTT_5 else NO_PROPERTIES
     filters: list[str] = []
     while r.remaining:
@@ -446,6 +450,8 @@ def _decode_disconnect(first: int, body: memoryview, version: int) -> Disconnect
         return Disconnect()
     reason = _reason(r.u8()) if r.remaining else ReasonCode.SUCCESS
     props = decode_properties(r) if r.remaining else NO_PROPERTIES
+    if r.remaining:
+        raise MalformedPacket("trailing bytes in DISCONNECT")  # MQTT 5 §3.14.3: no payload
     return Disconnect(reason, props)
 
 
@@ -456,6 +462,8 @@ def _decode_auth(first: int, body: memoryview, version: int) -> Auth:
     r = Reader(body)
     reason = _reason(r.u8()) if r.remaining else ReasonCode.SUCCESS
     props = decode_properties(r) if r.remaining else NO_PROPERTIES
+    if r.remaining:
+        raise MalformedPacket("trailing bytes in AUTH")  # MQTT 5 §3.15.3: no payload
     return Auth(reason, props)
 
 

@@ -192,6 +192,12 @@ class MQTTConnection:
         if not p.topic or "+" in p.topic or "#" in p.topic:
             # MQTT-3.3.2-2 (no wildcards); an empty topic needs a topic alias, which we do not offer yet.
             raise MQTTProtocolError(f"invalid topic name {p.topic!r}", ReasonCode.TOPIC_NAME_INVALID)
+        if self.protocol_level == MQTT_5:
+            if PropertyId.TOPIC_ALIAS in p.properties.values:
+                # We advertise Topic Alias Maximum 0 (MQTT-3.3.2-8 makes any alias a protocol error then).
+                raise MQTTProtocolError("topic alias not offered", ReasonCode.TOPIC_ALIAS_INVALID)
+            if p.properties.subscription_ids:
+                raise MQTTProtocolError("subscription identifier in a client PUBLISH")  # MQTT-3.3.4-6
         if p.qos == 0:
             return PublishReceived(p, p.topic)
         assert p.packet_id is not None  # the codec guarantees it for QoS > 0
@@ -282,11 +288,8 @@ class MQTTConnection:
     # --- internals -----------------------------------------------------------------------------------------
 
     def _fail(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
-        if self.state is ConnectionState.AWAIT_CONNECT:
-            # MQTT 5 §3.2.2.2: a CONNACK with a reason code may answer a malformed CONNECT; 3.1.1 just closes.
-            if self.protocol_level == MQTT_5:
-                self._send(Connack(False, reason))
-            return self._close(reason, detail, by_peer=True)
+        # A CONNECT that failed to decode leaves the version unknown, so there is no CONNACK we could say it in:
+        # just close (MQTT 5 §4.13.1 allows that for any malformed packet).
         if self.state is ConnectionState.CONNECTED and self.protocol_level == MQTT_5:
             self._send(Disconnect(reason))
         return self._close(reason, detail, by_peer=True)

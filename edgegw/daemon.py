@@ -1,0 +1,88 @@
+"""The composition root: builds every stage from the config and runs them in one TaskGroup.
+
+Start order: outbox (opened, writer running) -> uplink -> device listener. Stop order (SIGTERM/SIGINT): stop
+accepting -> stop reading devices and let their in-flight publishes commit and be acknowledged -> close sessions ->
+flush the outbox -> stop the uplink. Nothing acknowledged to a device is lost on the way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Callable
+
+import structlog
+
+from edgegw.config import Config
+from edgegw.errors import ConfigError
+from edgegw.identity import server_ssl_context
+from edgegw.mqtt.server import MQTTServer
+from edgegw.outbox.store import Outbox
+from edgegw.policy.acl import ACL
+from edgegw.tlsutil import client_ssl_context
+from edgegw.uplink.paho_bridge import Uplink
+
+log = structlog.get_logger("edgegw.daemon")
+
+DRAIN_TIMEOUT = 10.0
+
+
+class Gateway:
+    """One running gateway. Parts are exposed for the demo, tests and (later) the admin API."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.outbox: Outbox | None = None
+        self.server: MQTTServer | None = None
+        self.uplink: Uplink | None = None
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[Gateway], None] | None = None) -> None:
+        config = self.config
+        device_tls = _load_tls("tls", lambda: server_ssl_context(config.tls))
+        uplink_tls = _load_tls("uplink", lambda: client_ssl_context(
+            config.uplink.ca, config.uplink.cert, config.uplink.key))
+        outbox = self.outbox = await Outbox.open(config.outbox)
+        try:
+            server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox)
+            uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
+                                          ssl_context=uplink_tls)
+            async with asyncio.TaskGroup() as tg:
+                writer = tg.create_task(outbox.run(), name="outbox-writer")
+                uplink_task = tg.create_task(uplink.run(), name="uplink")
+                await server.start()
+                log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
+                         outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
+                if on_ready is not None:
+                    on_ready(self)
+                await stop.wait()
+                log.info("gateway.stopping", connections=server.connection_count, outbox_depth=outbox.depth)
+                await server.drain(DRAIN_TIMEOUT)
+                outbox.stop()
+                await writer
+                uplink_task.cancel()
+        finally:
+            await outbox.close()
+        log.info("gateway.stopped", outbox_depth=outbox.depth)
+
+
+def _load_tls(section: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    try:
+        return build()
+    except FileNotFoundError as exc:
+        raise ConfigError(section, f"certificate material not found: {exc.filename}") from None
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(section, f"cannot load certificate material: {exc}") from None
+
+
+async def run_until_signalled(config: Config) -> None:
+    """Run the gateway in the foreground until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Gateway(config).run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,410 @@
+"""The thin asyncio shell around :class:`~edgegw.mqtt.connection.MQTTConnection`: TLS, timers, outbox, ACL.
+
+One plain TCP acceptor refuses connections past ``max_connections`` before any TLS work, then upgrades the socket
+with ``loop.start_tls`` so a failed handshake is ours to log (who, and why). After the handshake the device's
+identity is its certificate CN; the CONNECT must carry it as the client id.
+
+The hot path stays synchronous: ``data_received`` -> engine events -> ACL -> ``outbox.submit`` (no await, no task).
+The outbox calls back after the group commit; the acknowledgements for a whole group are written once per
+connection (``_flush_soon``), not once per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from asyncio import sslproto
+from dataclasses import dataclass
+
+import structlog
+
+from edgegw.config import MQTTSettings
+from edgegw.identity import DeviceIdentity, describe_handshake_error, identity_from_peercert
+from edgegw.mqtt.connection import (
+    ConnectionClosed,
+    ConnectionState,
+    ConnectRequested,
+    Event,
+    MQTTConnection,
+    PublishReceived,
+    SubscribeRequested,
+    UnsubscribeRequested,
+)
+from edgegw.mqtt.packets import MQTT_5, ReasonCode
+from edgegw.outbox.store import Outbox
+from edgegw.policy.acl import ACL
+
+log = structlog.get_logger("edgegw.mqtt")
+
+
+@dataclass(slots=True)
+class MQTTStats:
+    accepted: int = 0
+    refused_capacity: int = 0
+    handshake_failed: int = 0
+    connect_refused: int = 0
+    connected: int = 0
+    publish_received: int = 0
+    publish_acked: int = 0
+    publish_denied: int = 0
+    protocol_errors: int = 0
+    takeovers: int = 0
+
+
+class MQTTServer:
+    def __init__(self, settings: MQTTSettings, ssl_context: ssl.SSLContext, acl: ACL, outbox: Outbox) -> None:
+        self.settings = settings
+        self.stats = MQTTStats()
+        self._ssl_context = ssl_context
+        self._acl = acl
+        self._outbox = outbox
+        self._server: asyncio.Server | None = None
+        self._connections: set[DeviceProtocol] = set()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self.devices: dict[str, DeviceProtocol] = {}
+        self._dirty: set[DeviceProtocol] = set()
+        self._flush_scheduled = False
+        self._draining = False
+
+    async def start(self) -> None:
+        # asyncio allocates max_size bytes per TLS connection (256 KiB by default; BRIEF §2). The attribute is
+        # per class, so it applies to every asyncio TLS connection in this process, which is what we want.
+        sslproto.SSLProtocol.max_size = self.settings.tls_read_buffer
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Acceptor(self), self.settings.bind, self.settings.port, reuse_address=True, backlog=1024)
+        log.info("mqtt.listening", bind=self.settings.bind, port=self.port,
+                 max_connections=self.settings.max_connections)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # --- accept and handshake ------------------------------------------------------------------------------
+
+    def _on_accept(self, transport: asyncio.Transport) -> None:
+        peer = _peer(transport)
+        if self._draining or len(self._connections) >= self.settings.max_connections:
+            # Refuse at accept, never queue (mosquitto's max_connections; amqtt queues, BRIEF §2).
+            self.stats.refused_capacity += 1
+            log.warning("mqtt.connection_refused", peer=peer, reason="draining" if self._draining else "capacity",
+                        max_connections=self.settings.max_connections)
+            transport.abort()
+            return
+        transport.pause_reading()  # start_tls resumes it; nothing must be read as plain text before
+        proto = DeviceProtocol(self, peer)
+        self._connections.add(proto)
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, proto))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, proto: DeviceProtocol) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(transport, proto, self._ssl_context, server_side=True,
+                                       ssl_handshake_timeout=self.settings.connect_timeout)
+        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
+            self.stats.handshake_failed += 1
+            log.warning("tls.handshake_failed", peer=proto.peer, reason=describe_handshake_error(exc))
+            proto._closed_logged = True
+            transport.abort()
+            self._forget(proto)
+            return
+        if tls is None:  # the peer went away as the handshake finished
+            self._forget(proto)
+            return
+        proto.attach(tls)
+
+    def _forget(self, proto: DeviceProtocol) -> None:
+        self._connections.discard(proto)
+        self._dirty.discard(proto)
+        if proto.device_id is not None and self.devices.get(proto.device_id) is proto:
+            del self.devices[proto.device_id]
+
+    # --- output coalescing ---------------------------------------------------------------------------------
+
+    def flush_soon(self, proto: DeviceProtocol) -> None:
+        self._dirty.add(proto)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_dirty)
+
+    def _flush_dirty(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        for proto in dirty:
+            proto.flush()
+
+    # --- shutdown ------------------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._draining = True
+        if self._server is not None:
+            self._server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop reading every device, let their in-flight publishes commit and be acknowledged, then close them.
+
+        The outbox writer must still be running while this waits.
+        """
+        self.stop_accepting()
+        for proto in list(self._connections):
+            proto.pause(reason="draining")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(p.engine.inflight for p in self._connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        self._flush_dirty()
+        for proto in list(self._connections):
+            proto.close(ReasonCode.SERVER_SHUTTING_DOWN, "gateway shutting down")
+        while self._connections and loop.time() < deadline + 1:
+            await asyncio.sleep(0.01)
+        for proto in list(self._connections):
+            proto.abort()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+class _Acceptor(asyncio.Protocol):
+    """Lives only until ``start_tls`` replaces it with the TLS protocol."""
+
+    def __init__(self, server: MQTTServer) -> None:
+        self._server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._server._on_accept(transport)
+
+    def data_received(self, data: bytes) -> None:  # reading is paused; never called in practice
+        pass
+
+
+class DeviceProtocol(asyncio.Protocol):
+    """One device connection after TLS. Owns the engine, the timers and the flow control."""
+
+    def __init__(self, server: MQTTServer, peer: str) -> None:
+        self.server = server
+        self.peer = peer
+        settings = server.settings
+        self.engine = MQTTConnection(max_packet_size=settings.max_packet_size,
+                                     receive_maximum=settings.receive_maximum)
+        self.transport: asyncio.Transport | None = None
+        self.identity: DeviceIdentity | None = None
+        self.device_id: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._accepted_at = self._loop.time()
+        self._early: list[bytes] = []  # data the TLS layer delivered before start_tls returned
+        self._last_rx = self._accepted_at
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+        self._closed_logged = False
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.identity = identity_from_peercert(ssl_object.getpeercert() if ssl_object else None)
+        if self.identity is None:
+            self.server.stats.handshake_failed += 1
+            log.warning("tls.identity_refused", peer=self.peer, reason="client certificate has no single CN")
+            self.abort()
+            return
+        self.server.stats.accepted += 1
+        remaining = self.server.settings.connect_timeout - (self._loop.time() - self._accepted_at)
+        self._timer = self._loop.call_later(max(remaining, 0.0), self._connect_timed_out)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.engine.state is not ConnectionState.CLOSED:
+            closed = self.engine.close(ReasonCode.UNSPECIFIED_ERROR,
+                                       f"connection lost ({type(exc).__name__})" if exc else "connection lost")
+            self._log_closed(closed)
+        self.server._forget(self)
+
+    def _connect_timed_out(self) -> None:
+        if self.engine.state in (ConnectionState.AWAIT_CONNECT, ConnectionState.AUTHORIZING):
+            log.warning("mqtt.connect_timeout", peer=self.peer, cert_cn=self._cn,
+                        timeout=self.server.settings.connect_timeout)
+            self.close(ReasonCode.MALFORMED_PACKET, "no CONNECT in time")
+
+    def _check_keepalive(self) -> None:
+        # MQTT-3.1.2-24: close if nothing arrived for one and a half keep-alive periods.
+        limit = 1.5 * self.engine.keepalive
+        idle = self._loop.time() - self._last_rx
+        if idle >= limit:
+            self.close(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive: nothing received for {idle:.1f}s")
+        else:
+            self._timer = self._loop.call_later(limit - idle, self._check_keepalive)
+
+    @property
+    def _cn(self) -> str | None:
+        return self.identity.device_id if self.identity else None
+
+    # --- input ---------------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            self._early.append(data)
+            return
+        self._last_rx = self._loop.time()
+        self._process(self.engine.receive_data(data))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def _process(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, PublishReceived):
+                self._on_publish(event)
+            elif isinstance(event, ConnectRequested):
+                self._on_connect(event)
+            elif isinstance(event, ConnectionClosed):
+                self._log_closed(event)
+            elif isinstance(event, SubscribeRequested):
+                # Subscriptions and downlink come with the MQTT engine issue; until then refuse each filter.
+                subs = event.subscribe.subscriptions
+                self.engine.ack_subscribe(event.subscribe.packet_id, (ReasonCode.NOT_AUTHORIZED,) * len(subs))
+            elif isinstance(event, UnsubscribeRequested):
+                filters = event.unsubscribe.topic_filters
+                self.engine.ack_unsubscribe(event.unsubscribe.packet_id,
+                                            (ReasonCode.NO_SUBSCRIPTION_EXISTED,) * len(filters))
+        self.flush()
+
+    def _on_connect(self, event: ConnectRequested) -> None:
+        assert self.identity is not None
+        client_id = event.connect.client_id
+        if client_id != self.identity.device_id:
+            self.server.stats.connect_refused += 1
+            log.warning("mqtt.connect_refused", peer=self.peer, reason="client_id does not match certificate CN",
+                        client_id=client_id, cert_cn=self.identity.device_id)
+            self.engine.refuse(ReasonCode.NOT_AUTHORIZED, "client_id does not match certificate CN")
+            self._closed_logged = True
+            return
+        device_id = self.identity.device_id
+        self.device_id = device_id
+        previous = self.server.devices.get(device_id)
+        if previous is not None and previous is not self:
+            self.server.stats.takeovers += 1
+            log.info("mqtt.session_taken_over", device_id=device_id, old_peer=previous.peer, new_peer=self.peer)
+            previous.close(ReasonCode.SESSION_TAKEN_OVER, f"taken over by {self.peer}")
+        self.server.devices[device_id] = self
+        self.engine.accept()
+        self.server.stats.connected += 1
+        log.info("mqtt.connected", device_id=device_id, peer=self.peer,
+                 protocol=5 if self.engine.protocol_level == MQTT_5 else "3.1.1",
+                 keepalive=self.engine.keepalive, clean_start=event.connect.clean_start)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.engine.keepalive:
+            self._timer = self._loop.call_later(1.5 * self.engine.keepalive, self._check_keepalive)
+        # Packets pipelined behind CONNECT were held back until now (MQTT-3.1.4-5).
+        self._process(self.engine.pending_events())
+
+    def _on_publish(self, event: PublishReceived) -> None:
+        device_id = self.device_id
+        assert device_id is not None
+        publish = event.publish
+        self.server.stats.publish_received += 1
+        if not self.server._acl.may_publish(device_id, event.topic):
+            self.server.stats.publish_denied += 1
+            log.warning("mqtt.publish_denied", device_id=device_id, topic=event.topic, reason="acl")
+            if publish.packet_id is not None:
+                self.engine.ack_publish(publish.packet_id, ReasonCode.NOT_AUTHORIZED)  # 3.1.1: closes
+            elif self.engine.protocol_level != MQTT_5:
+                self.engine.close(ReasonCode.NOT_AUTHORIZED, f"publish to {event.topic!r} not allowed")
+            if self.engine.state is ConnectionState.CLOSED:
+                self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
+            return
+        outbox = self.server._outbox
+        if publish.packet_id is None:
+            outbox.submit(device_id, event.topic, publish.payload, 0)
+        else:
+            outbox.submit(device_id, event.topic, publish.payload, publish.qos,
+                          functools.partial(self._committed, publish.packet_id))
+            if self.engine.inflight >= self.server.settings.receive_maximum:
+                self.pause(reason="receive_maximum")
+        if outbox.congested:
+            self.pause(reason="outbox_congested")
+            outbox.when_decongested(self._maybe_resume)
+
+    def _committed(self, packet_id: int, ok: bool) -> None:
+        if ok:
+            self.engine.ack_publish(packet_id)
+            self.server.stats.publish_acked += 1
+        else:
+            # Not durable, so not acknowledged: the device keeps the message and resends after reconnecting.
+            self.engine.ack_publish(packet_id, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR)
+            if self.engine.state is ConnectionState.CONNECTED:
+                self._log_closed(self.engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "outbox commit failed"))
+        self.server.flush_soon(self)
+        if self._paused:
+            self._maybe_resume()
+
+    # --- flow control and output ---------------------------------------------------------------------------
+
+    def pause(self, *, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+            log.debug("mqtt.paused", device_id=self.device_id, reason=reason)
+
+    def _maybe_resume(self) -> None:
+        if (self._paused and not self.server._draining and self.transport is not None
+                and self.engine.state is ConnectionState.CONNECTED
+                and self.engine.inflight <= self.server.settings.receive_maximum // 2
+                and not self.server._outbox.congested):
+            self._paused = False
+            self.transport.resume_reading()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        data = self.engine.data_to_send()
+        if data:
+            transport.write(data)
+        if self.engine.state is ConnectionState.CLOSED:
+            transport.close()  # after the buffered CONNACK / DISCONNECT is written
+
+    def close(self, reason: ReasonCode, detail: str) -> None:
+        if self.engine.state is not ConnectionState.CLOSED:
+            self._log_closed(self.engine.close(reason, detail))
+        self.flush()
+        if self.transport is None:
+            self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self.server._forget(self)
+
+    def _log_closed(self, event: ConnectionClosed) -> None:
+        if self._closed_logged:
+            return
+        self._closed_logged = True
+        if event.by_peer and event.reason_code not in (ReasonCode.SUCCESS, ReasonCode.DISCONNECT_WITH_WILL):
+            self.server.stats.protocol_errors += 1
+            log.warning("mqtt.protocol_error", device_id=self.device_id, cert_cn=self._cn, peer=self.peer,
+                        reason=event.reason_code.name, detail=event.detail)
+        else:
+            log.info("mqtt.disconnected", device_id=self.device_id or self._cn, peer=self.peer,
+                     reason=event.reason_code.name, detail=event.detail, by_peer=event.by_peer)
