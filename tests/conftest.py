@@ -398,3 +398,170 @@ def sink_factory(pki: LabPKI) -> Iterator[Callable[..., Sink]]:
     yield make
     for sink in sinks:
         sink.close()
+
+
+# --- the gateway as a real process ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """Device-side material made by the real `edgegw pki` CLI: the fleet CA, the gateway's server certificate and
+    device certificates ``devices/<id>.crt``; ``rogue_ca`` is another fleet's CA (also made with the CLI)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.crt"
+
+    def device(self, device_id: str) -> CertPair:
+        return CertPair(self.folder / "devices" / f"{device_id}.crt", self.folder / "devices" / f"{device_id}.key")
+
+    def rogue_device(self, device_id: str) -> CertPair:
+        return CertPair(self.folder.parent / "rogue" / "devices" / f"{device_id}.crt",
+                        self.folder.parent / "rogue" / "devices" / f"{device_id}.key")
+
+    def device_context(self, device_id: str, *, rogue: bool = False, with_cert: bool = True) -> ssl.SSLContext:
+        pair = self.rogue_device(device_id) if rogue else self.device(device_id)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=str(self.ca))
+        if with_cert:
+            ctx.load_cert_chain(str(pair.cert), str(pair.key))
+        return ctx
+
+
+FLEET_DEVICES = [f"dev-{i:02d}" for i in range(12)] + ["expired-01", "other-01"]
+
+
+def _edgegw(*args: str) -> subprocess.CompletedProcess[str]:
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "edgegw", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Fleet:
+    root = tmp_path_factory.mktemp("fleet")
+    folder = root / "pki"
+    _edgegw("pki", "init", str(folder))
+    _edgegw("pki", "issue", str(folder), "server", "gateway", "--san", "localhost", "--san", "127.0.0.1")
+    _edgegw("pki", "issue", str(folder), "device", *[d for d in FLEET_DEVICES if d != "expired-01"])
+    # An expired device certificate, through the library (the CLI does not issue certificates in the past).
+    from edgegw.pki import issue_device
+    now = datetime.now(UTC)
+    issue_device(folder, "expired-01", not_before=now - timedelta(days=10), not_after=now - timedelta(days=1))
+    _edgegw("pki", "init", str(root / "rogue"))
+    _edgegw("pki", "issue", str(root / "rogue"), "device", "dev-00")
+    return Fleet(folder)
+
+
+class GatewayProcess:
+    """`python -m edgegw run --config FILE` as a child process, its JSON log lines in ``log_path``."""
+
+    def __init__(self, folder: Path, fleet: Fleet, pki: LabPKI, broker: Mosquitto, *, port: int | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.log_path = folder / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        sections: dict[str, dict[str, Any]] = {
+            "gateway": {"id": "gw-test"},
+            "tls": {"cert": str(fleet.folder / "server" / "gateway.crt"),
+                    "key": str(fleet.folder / "server" / "gateway.key"), "ca": str(fleet.ca)},
+            "mqtt": {"bind": "127.0.0.1", "port": self.port},
+            "outbox": {"path": str(folder / "outbox.db"), "synchronous": "full"},
+            "uplink": {"host": broker.host, "port": broker.port, "ca": str(pki.ca),
+                       "cert": str(pki.client("uplink").cert), "key": str(pki.client("uplink").key),
+                       "topic_prefix": "cloud", "reconnect_min": 0.1, "reconnect_max": 0.5},
+            "log": {"level": "info"},
+        }
+        for name, values in (overrides or {}).items():
+            sections.setdefault(name, {}).update(values)
+        self.config_path = folder / "edgegw.toml"
+        self.config_path.write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in values.items()) + "\n"
+            for name, values in sections.items()))
+
+    def start(self, timeout: float = 15.0) -> GatewayProcess:
+        import sys
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgegw", "run", "--config", str(self.config_path)],
+                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while '"gateway.ready"' not in self.log_path.read_text()[offset:]:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gateway not ready within {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up at all, as in a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        import json
+        out = []
+        for line in self.log().splitlines():
+            if f'"{name}"' in line:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == name:
+                    out.append(entry)
+        return out
+
+    def wait_for_event(self, name: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in self.events(name):
+                if all(entry.get(k) == v for k, v in match.items()):
+                    return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log event {name} {match} within {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path, fleet: Fleet, pki: LabPKI) -> Iterator[Callable[..., GatewayProcess]]:
+    made: list[GatewayProcess] = []
+
+    def make(broker: Mosquitto, **options: Any) -> GatewayProcess:
+        gw = GatewayProcess(tmp_path / f"gw{len(made)}", fleet, pki, broker, **options)
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        gw.kill()

@@ -188,6 +188,8 @@ class Outbox:
             if self._pending or self._to_delete or self._to_quarantine:
                 self._wake.set()
             elif self._stopping:
+                async with self._committed:
+                    self._committed.notify_all()  # waiters see _stopping and return
                 return
 
     async def _commit_group(self) -> None:
@@ -260,13 +262,18 @@ class Outbox:
         """Up to ``limit`` committed records with id > ``after_id``, oldest first, minus those being deleted."""
         # A delete may commit while the query runs, and the read snapshot may predate it; an id acknowledged before
         # the query started is in one of these sets at the start, so the union of both ends catches it.
-        gone = self._to_delete | self._deleting
+        gone = self._settled_ids()
+        # Rows being deleted still count against LIMIT in SQL; ask for that many more so a page is never short.
         async with self._reader.execute(
-            f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+            f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(gone))
         ) as cur:
             rows = await cur.fetchall()
-        gone |= self._to_delete | self._deleting
-        return [Record(*row) for row in rows if row[0] not in gone]
+        gone |= self._settled_ids()
+        return [Record(*row) for row in rows if row[0] not in gone][:limit]
+
+    def _settled_ids(self) -> set[int]:
+        """Ids acknowledged or quarantined whose removal is not committed yet."""
+        return self._to_delete | self._deleting | {rid for rid, _ in self._to_quarantine}
 
     async def wait_for_records_after(self, after_id: int) -> None:
         """Return once some record with id > ``after_id`` is committed."""
