@@ -15,6 +15,7 @@ import asyncio
 import functools
 import ssl
 from asyncio import sslproto
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -31,7 +32,11 @@ from edgegw.mqtt.connection import (
     SubscribeRequested,
     UnsubscribeRequested,
 )
-from edgegw.mqtt.packets import MQTT_5, ReasonCode
+from edgegw.errors import OutboxError
+from edgegw.mqtt.broker import LocalBroker
+from edgegw.mqtt.forward import forwarded, record_properties
+from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, PropertyId, ReasonCode
+from edgegw.mqtt.session import Message, Session
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 
@@ -50,13 +55,24 @@ class MQTTStats:
     publish_denied: int = 0
     protocol_errors: int = 0
     takeovers: int = 0
+    downlink_delivered: int = 0
+    downlink_undeliverable: int = 0
+
+
+Authorizer = Callable[[DeviceIdentity], str | None]
+"""Decides, after the TLS handshake, whether a verified identity may connect: None, or the reason it may not
+(e.g. "suspended in the registry"). Runs once per connection, synchronously."""
 
 
 class MQTTServer:
-    def __init__(self, settings: MQTTSettings, ssl_context: ssl.SSLContext, acl: ACL, outbox: Outbox) -> None:
+    def __init__(self, settings: MQTTSettings, ssl_context: ssl.SSLContext, acl: ACL, outbox: Outbox,
+                 *, authorizer: Authorizer | None = None) -> None:
         self.settings = settings
         self.stats = MQTTStats()
-        self._ssl_context = ssl_context
+        # Replaced as a whole on reload (new CA bundle, CRL or server certificate): new handshakes use the new one,
+        # established sessions keep theirs.
+        self.ssl_context = ssl_context
+        self.authorizer = authorizer
         self._acl = acl
         self._outbox = outbox
         self._server: asyncio.Server | None = None
@@ -66,6 +82,9 @@ class MQTTServer:
         self._dirty: set[DeviceProtocol] = set()
         self._flush_scheduled = False
         self._draining = False
+        self.broker = LocalBroker(settings, self._publish_will)
+        self._lab_acl = ACL.allow_all()
+        self._lab_server: asyncio.Server | None = None
 
     async def start(self) -> None:
         # asyncio allocates max_size bytes per TLS connection (256 KiB by default; BRIEF §2). The attribute is
@@ -76,6 +95,19 @@ class MQTTServer:
             lambda: _Acceptor(self), self.settings.bind, self.settings.port, reuse_address=True, backlog=1024)
         log.info("mqtt.listening", bind=self.settings.bind, port=self.port,
                  max_connections=self.settings.max_connections)
+        if self.settings.lab:
+            self._lab_server = await loop.create_server(
+                lambda: DeviceProtocol(self, "", lab=True), self.settings.lab_bind, self.settings.lab_port,
+                reuse_address=True)
+            log.warning("mqtt.lab_listener_open", bind=self.settings.lab_bind, port=self.lab_port,
+                        danger="PLAIN TCP, NO AUTHENTICATION: the client id is the identity and every topic is "
+                               "allowed. For interoperability tests and firmware bring-up only, never production.")
+
+    @property
+    def lab_port(self) -> int | None:
+        if self._lab_server is None or not self._lab_server.sockets:
+            return None
+        return int(self._lab_server.sockets[0].getsockname()[1])
 
     @property
     def port(self) -> int:
@@ -107,7 +139,7 @@ class MQTTServer:
     async def _handshake(self, transport: asyncio.Transport, proto: DeviceProtocol) -> None:
         loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, proto, self._ssl_context, server_side=True,
+            tls = await loop.start_tls(transport, proto, self.ssl_context, server_side=True,
                                        ssl_handshake_timeout=self.settings.connect_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
             self.stats.handshake_failed += 1
@@ -124,8 +156,48 @@ class MQTTServer:
     def _forget(self, proto: DeviceProtocol) -> None:
         self._connections.discard(proto)
         self._dirty.discard(proto)
-        if proto.device_id is not None and self.devices.get(proto.device_id) is proto:
-            del self.devices[proto.device_id]
+        if proto.session_key is not None and self.devices.get(proto.session_key) is proto:
+            del self.devices[proto.session_key]
+
+    # --- messages that do not come from the device's own connection ------------------------------------------
+
+    def deliver_downlink(self, device_id: str, topic: str, payload: bytes, qos: int,
+                         properties: Properties = NO_PROPERTIES, *, message_expiry: int | None = None) -> bool:
+        """Deliver a command from upstream to ``device_id``'s own subscriptions matching ``topic`` (a device-side
+        topic such as ``devices/{device_id}/cmd/reboot``), at most ``qos``. Synchronous; no ack is awaited.
+
+        True if the device has a session (live, or offline and persistent: queued, bounded) with a matching
+        subscription; False otherwise (the caller decides: acknowledge upstream anyway, or hold it back).
+        ``properties``: MQTT 5 properties to forward (user properties, content type, response topic, correlation
+        data, payload format); ``message_expiry`` seconds, if any.
+        """
+        expires_at = self.broker.now() + message_expiry if message_expiry else None
+        message = Message(topic, payload, qos, False, forwarded(properties), sender=None, expires_at=expires_at)
+        copies = self.broker.deliver_to_session(device_id, message)
+        if copies:
+            self.stats.downlink_delivered += 1
+            return True
+        self.stats.downlink_undeliverable += 1
+        return False
+
+    def _publish_will(self, key: str, message: Message) -> None:
+        """A device's will (its ACL was checked at CONNECT): into the outbox and to local subscribers."""
+        device_id = key[len(LAB_PREFIX):] if key.startswith(LAB_PREFIX) else key
+        log.info("mqtt.will_published", device_id=device_id, topic=message.topic)
+        try:
+            self._outbox.submit(device_id, message.topic, message.payload, message.qos,
+                                properties=record_properties(message.properties))
+        except OutboxError as exc:
+            log.warning("mqtt.will_not_recorded", device_id=device_id, reason=str(exc))
+        self.broker.route(message)
+
+    def disconnect_device(self, device_id: str, reason: ReasonCode, detail: str) -> bool:
+        """Close the device's live session (e.g. revoked or suspended). True if it was connected."""
+        proto = self.devices.get(device_id)
+        if proto is None:
+            return False
+        proto.close(reason, detail)
+        return True
 
     # --- output coalescing ---------------------------------------------------------------------------------
 
@@ -147,6 +219,8 @@ class MQTTServer:
         self._draining = True
         if self._server is not None:
             self._server.close()
+        if self._lab_server is not None:
+            self._lab_server.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop reading every device, let their in-flight publishes commit and be acknowledged, then close them.
@@ -169,8 +243,16 @@ class MQTTServer:
             proto.abort()
         for task in list(self._handshakes):
             task.cancel()
+        self.broker.close()
         if self._server is not None:
             await self._server.wait_closed()
+        if self._lab_server is not None:
+            await self._lab_server.wait_closed()
+
+
+LAB_PREFIX = "\x00lab:"
+"""Session keys of lab-listener clients: never equal to a certificate CN, so a lab client cannot take over (or
+read the session of) a real device."""
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
@@ -195,15 +277,23 @@ class _Acceptor(asyncio.Protocol):
 class DeviceProtocol(asyncio.Protocol):
     """One device connection after TLS. Owns the engine, the timers and the flow control."""
 
-    def __init__(self, server: MQTTServer, peer: str) -> None:
+    def __init__(self, server: MQTTServer, peer: str, *, lab: bool = False) -> None:
         self.server = server
         self.peer = peer
+        self.lab = lab
         settings = server.settings
-        self.engine = MQTTConnection(max_packet_size=settings.max_packet_size,
-                                     receive_maximum=settings.receive_maximum)
+        self.engine = MQTTConnection(
+            max_packet_size=settings.max_packet_size, receive_maximum=settings.receive_maximum,
+            topic_alias_maximum=settings.topic_alias_maximum, max_topic_length=settings.max_topic_length,
+            max_topic_levels=settings.max_topic_levels, max_keepalive=settings.max_keepalive,
+            max_session_expiry=settings.max_session_expiry, max_inflight_out=settings.max_inflight_messages)
+        self.acl = server._lab_acl if lab else server._acl
         self.transport: asyncio.Transport | None = None
         self.identity: DeviceIdentity | None = None
         self.device_id: str | None = None
+        self.session_key: str | None = None
+        self.session: Session | None = None
+        self._ended = False
         self._loop = asyncio.get_running_loop()
         self._accepted_at = self._loop.time()
         self._early: list[bytes] = []  # data the TLS layer delivered before start_tls returned
@@ -214,8 +304,27 @@ class DeviceProtocol(asyncio.Protocol):
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.lab:
+            return  # TLS connections are attached by MQTTServer._handshake once start_tls completes
+        assert isinstance(transport, asyncio.Transport)
+        self.peer = _peer(transport)
+        server = self.server
+        if server._draining or len(server._connections) >= server.settings.max_connections:
+            server.stats.refused_capacity += 1
+            log.warning("mqtt.connection_refused", peer=self.peer, reason="capacity", listener="lab")
+            self._closed_logged = True
+            transport.abort()
+            return
+        server._connections.add(self)
+        self.attach(transport)
+
     def attach(self, transport: asyncio.Transport) -> None:
         self.transport = transport
+        if self.lab:
+            self.server.stats.accepted += 1
+            self._timer = self._loop.call_later(self.server.settings.connect_timeout, self._connect_timed_out)
+            return
         ssl_object = transport.get_extra_info("ssl_object")
         self.identity = identity_from_peercert(ssl_object.getpeercert() if ssl_object else None)
         if self.identity is None:
@@ -237,6 +346,8 @@ class DeviceProtocol(asyncio.Protocol):
             closed = self.engine.close(ReasonCode.UNSPECIFIED_ERROR,
                                        f"connection lost ({type(exc).__name__})" if exc else "connection lost")
             self._log_closed(closed)
+        elif self.engine.close_reason is not None:
+            self._end(self.engine.close_reason)
         self.server._forget(self)
 
     def _connect_timed_out(self) -> None:
@@ -279,18 +390,46 @@ class DeviceProtocol(asyncio.Protocol):
             elif isinstance(event, ConnectionClosed):
                 self._log_closed(event)
             elif isinstance(event, SubscribeRequested):
-                # Subscriptions and downlink come with the MQTT engine issue; until then refuse each filter.
-                subs = event.subscribe.subscriptions
-                self.engine.ack_subscribe(event.subscribe.packet_id, (ReasonCode.NOT_AUTHORIZED,) * len(subs))
+                self._on_subscribe(event)
             elif isinstance(event, UnsubscribeRequested):
-                filters = event.unsubscribe.topic_filters
-                self.engine.ack_unsubscribe(event.unsubscribe.packet_id,
-                                            (ReasonCode.NO_SUBSCRIPTION_EXISTED,) * len(filters))
+                assert self.session is not None
+                codes = self.server.broker.unsubscribe(self.session, event.unsubscribe)
+                self.engine.ack_unsubscribe(event.unsubscribe.packet_id, codes)
+        session = self.session
+        if session is not None and session.state.queue and self.engine.can_send:
+            self.server.broker.pump(session, self)
         self.flush()
 
+    def _on_subscribe(self, event: SubscribeRequested) -> None:
+        assert self.session is not None and self.device_id is not None
+        packet = event.subscribe
+        if any(sid == 0 for sid in packet.properties.subscription_ids):
+            self._log_closed(self.engine.close(ReasonCode.PROTOCOL_ERROR, "subscription identifier 0"))
+            return
+        codes, retained = self.server.broker.subscribe(self.session, packet, self.acl, self.device_id)
+        self.engine.ack_subscribe(packet.packet_id, codes)
+        self.server.broker.deliver_all(self.session, retained)
+
+    def wrote(self) -> None:
+        """The broker queued output in the engine (a delivery): write it with this loop iteration's others."""
+        self.server.flush_soon(self)
+
+    def _refuse(self, reason: ReasonCode, why: str, client_id: str) -> None:
+        self.server.stats.connect_refused += 1
+        log.warning("mqtt.connect_refused", peer=self.peer, reason=why, client_id=client_id, cert_cn=self._cn)
+        self.engine.refuse(reason, why)
+        self._closed_logged = True
+
     def _on_connect(self, event: ConnectRequested) -> None:
+        connect = event.connect
+        client_id = connect.client_id
+        if not client_id:
+            # Identity comes from the certificate: a server-assigned client identifier is never offered.
+            self._refuse(ReasonCode.CLIENT_IDENTIFIER_NOT_VALID, "empty client_id", client_id)
+            return
+        if self.lab:
+            self.identity = DeviceIdentity(client_id, "", "")
         assert self.identity is not None
-        client_id = event.connect.client_id
         if client_id != self.identity.device_id:
             self.server.stats.connect_refused += 1
             log.warning("mqtt.connect_refused", peer=self.peer, reason="client_id does not match certificate CN",
@@ -299,18 +438,49 @@ class DeviceProtocol(asyncio.Protocol):
             self._closed_logged = True
             return
         device_id = self.identity.device_id
+        refusal = None
+        if self.server.authorizer is not None and not self.lab:
+            refusal = self.server.authorizer(self.identity)
+        if refusal is not None:
+            # Answered with a CONNACK rather than a dropped socket, so firmware can tell "refused" from "network".
+            self.server.stats.connect_refused += 1
+            log.warning("mqtt.connect_refused", peer=self.peer, reason=refusal, client_id=client_id,
+                        cert_cn=device_id)
+            self.engine.refuse(ReasonCode.NOT_AUTHORIZED, refusal)
+            self._closed_logged = True
+            return
+        if connect.properties.get(PropertyId.AUTHENTICATION_METHOD) is not None:
+            self._refuse(ReasonCode.BAD_AUTHENTICATION_METHOD, "enhanced authentication not supported", client_id)
+            return
+        will = connect.will
+        if will is not None:
+            problem = self.engine.topic_problem(will.topic)
+            if problem is not None:
+                self._refuse(ReasonCode.TOPIC_NAME_INVALID, f"will: {problem}", client_id)
+                return
+            if not self.acl.may_publish(device_id, will.topic):
+                # A will is a publish like any other: refused up front rather than dropped when it fires.
+                self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not allowed", client_id)
+                return
+        key = LAB_PREFIX + device_id if self.lab else device_id
         self.device_id = device_id
-        previous = self.server.devices.get(device_id)
+        self.session_key = key
+        previous = self.server.devices.get(key)
         if previous is not None and previous is not self:
             self.server.stats.takeovers += 1
             log.info("mqtt.session_taken_over", device_id=device_id, old_peer=previous.peer, new_peer=self.peer)
             previous.close(ReasonCode.SESSION_TAKEN_OVER, f"taken over by {self.peer}")
-        self.server.devices[device_id] = self
-        self.engine.accept()
+        self.server.devices[key] = self
+        broker = self.server.broker
+        session, present = broker.open_session(key, connect.clean_start)
+        self.session = session
+        self.engine.accept(session_present=present, session=session.state)
+        broker.attach(session, self, will)
         self.server.stats.connected += 1
         log.info("mqtt.connected", device_id=device_id, peer=self.peer,
                  protocol=5 if self.engine.protocol_level == MQTT_5 else "3.1.1",
-                 keepalive=self.engine.keepalive, clean_start=event.connect.clean_start)
+                 keepalive=self.engine.keepalive, clean_start=connect.clean_start, session_present=present,
+                 session_expiry=self.engine.session_expiry, lab=self.lab)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -324,7 +494,7 @@ class DeviceProtocol(asyncio.Protocol):
         assert device_id is not None
         publish = event.publish
         self.server.stats.publish_received += 1
-        if not self.server._acl.may_publish(device_id, event.topic):
+        if not self.acl.may_publish(device_id, event.topic):
             self.server.stats.publish_denied += 1
             log.warning("mqtt.publish_denied", device_id=device_id, topic=event.topic, reason="acl")
             if publish.packet_id is not None:
@@ -334,17 +504,44 @@ class DeviceProtocol(asyncio.Protocol):
             if self.engine.state is ConnectionState.CLOSED:
                 self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
             return
+        props = publish.properties
+        fwd = NO_PROPERTIES
+        record_props = None
+        expires_at = None
+        if props:
+            if props.values.get(PropertyId.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(publish.payload):
+                self._refuse_publish(publish.packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
+                return
+            fwd = forwarded(props)
+            record_props = record_properties(props)
+            mei = props.values.get(PropertyId.MESSAGE_EXPIRY_INTERVAL)
+            if isinstance(mei, int):
+                expires_at = self._loop.time() + mei
         outbox = self.server._outbox
         if publish.packet_id is None:
-            outbox.submit(device_id, event.topic, publish.payload, 0)
+            outbox.submit(device_id, event.topic, publish.payload, 0, properties=record_props)
         else:
             outbox.submit(device_id, event.topic, publish.payload, publish.qos,
-                          functools.partial(self._committed, publish.packet_id))
+                          functools.partial(self._committed, publish.packet_id), record_props)
+        broker = self.server.broker
+        if publish.retain or broker.index.count:
+            broker.route(Message(event.topic, publish.payload, publish.qos, publish.retain, fwd,
+                                 self.session_key, expires_at))
+        if publish.packet_id is not None:
             if self.engine.inflight >= self.server.settings.receive_maximum:
                 self.pause(reason="receive_maximum")
         if outbox.congested:
             self.pause(reason="outbox_congested")
             outbox.when_decongested(self._maybe_resume)
+
+    def _refuse_publish(self, packet_id: int | None, reason: ReasonCode, detail: str) -> None:
+        log.warning("mqtt.publish_refused", device_id=self.device_id, reason=reason.name, detail=detail)
+        if packet_id is not None:
+            self.engine.ack_publish(packet_id, reason)  # 3.1.1: closes
+        else:
+            self.engine.close(reason, detail)
+        if self.engine.state is ConnectionState.CLOSED:
+            self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
 
     def _committed(self, packet_id: int, ok: bool) -> None:
         if ok:
@@ -397,7 +594,17 @@ class DeviceProtocol(asyncio.Protocol):
             self.transport.abort()
         self.server._forget(self)
 
+    def _end(self, event: ConnectionClosed) -> None:
+        """Once per connection that had a session: hand it back to the broker (will, expiry)."""
+        if self._ended or self.session is None:
+            return
+        self._ended = True
+        normal = event.by_peer and event.reason_code is ReasonCode.SUCCESS
+        self.server.broker.connection_ended(self.session, self, self.engine.session_expiry,
+                                            ReasonCode.SUCCESS if normal else event.reason_code)
+
     def _log_closed(self, event: ConnectionClosed) -> None:
+        self._end(event)
         if self._closed_logged:
             return
         self._closed_logged = True
@@ -408,3 +615,11 @@ class DeviceProtocol(asyncio.Protocol):
         else:
             log.info("mqtt.disconnected", device_id=self.device_id or self._cn, peer=self.peer,
                      reason=event.reason_code.name, detail=event.detail, by_peer=event.by_peer)
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
