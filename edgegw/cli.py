@@ -89,6 +89,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         return _error(str(exc))
     upstream_ca = str(args.upstream_ca.resolve()) if args.upstream_ca else "pki/ca.crt"
     rel = lambda p: p.relative_to(folder).as_posix()  # noqa: E731 - paths in the config are relative to it
+    state_dir: Path = args.state_dir.resolve() if args.state_dir else folder / "state"
+    outbox_path = (state_dir / "outbox.db").as_posix() if args.state_dir else "state/outbox.db"
     config_path.write_text(f'''# Written by `edgegw init`. Every key, with its default: configs/edgegw.example.toml
 # Relative paths are relative to this file's folder.
 
@@ -106,7 +108,7 @@ bind = "0.0.0.0"
 port = {args.mqtt_port}
 
 [outbox]
-path = "state/outbox.db"
+path = "{outbox_path}"
 
 [uplink]
 host = "{host}"
@@ -115,7 +117,7 @@ ca = "{upstream_ca}"
 cert = "{rel(client.cert)}"
 key = "{rel(client.key)}"
 ''', encoding="utf-8")
-    (folder / "state").mkdir(exist_ok=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
     print(f"wrote {config_path}")
     print(f"wrote {pki}/ (CA, server certificate 'gateway', uplink client certificate 'uplink')")
     print(f"next: edgegw pki issue {pki} device DEVICE_ID; edgegw run --config {config_path}")
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the upstream (cloud) MQTT broker")
     p.add_argument("--upstream-ca", type=Path, help="CA that signs the upstream's certificate (default: DIR/pki/ca.crt)")
     p.add_argument("--mqtt-port", type=int, default=8883, help="device-facing MQTT over TLS port (default 8883)")
+    p.add_argument("--state-dir", type=Path, help="folder for the outbox (default DIR/state; systemd: /var/lib/edgegw)")
     p.add_argument("--force", action="store_true", help="overwrite an existing config and PKI")
     p.set_defaults(func=cmd_init)
 

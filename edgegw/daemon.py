@@ -18,6 +18,7 @@ from edgegw.config import Config
 from edgegw.errors import ConfigError
 from edgegw.identity import server_ssl_context
 from edgegw.mqtt.server import MQTTServer
+from edgegw.ops.notify import SystemdNotifier
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 from edgegw.tlsutil import client_ssl_context
@@ -31,8 +32,9 @@ DRAIN_TIMEOUT = 10.0
 class Gateway:
     """One running gateway. Parts are exposed for the demo, tests and (later) the admin API."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: SystemdNotifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or SystemdNotifier(environ={})
         self.outbox: Outbox | None = None
         self.server: MQTTServer | None = None
         self.uplink: Uplink | None = None
@@ -53,17 +55,28 @@ class Gateway:
                 await server.start()
                 log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
                          outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
+                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+                watchdog = tg.create_task(self.notifier.watchdog(self.status_line), name="watchdog")
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
+                self.notifier.notify("STOPPING=1", "STATUS=draining")
                 log.info("gateway.stopping", connections=server.connection_count, outbox_depth=outbox.depth)
                 await server.drain(DRAIN_TIMEOUT)
                 outbox.stop()
                 await writer
                 uplink_task.cancel()
+                watchdog.cancel()
         finally:
             await outbox.close()
         log.info("gateway.stopped", outbox_depth=outbox.depth)
+
+
+    def status_line(self) -> str:
+        devices = len(self.server.devices) if self.server else 0
+        depth = self.outbox.depth if self.outbox else 0
+        uplink = self.uplink.state if self.uplink else "down"
+        return f"{devices} devices connected, outbox depth {depth}, uplink {uplink}"
 
 
 def _load_tls(section: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -82,7 +95,7 @@ async def run_until_signalled(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await Gateway(config).run(stop)
+        await Gateway(config, SystemdNotifier()).run(stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
