@@ -25,7 +25,7 @@ from edgegw.daemon import Gateway
 from edgegw.logs import configure_logging
 from edgegw.pki import init_ca, issue_client, issue_devices, issue_server
 from edgegw.sim.broker import UpstreamBroker, quiet_amqtt
-from edgegw.sim.device import Fleet
+from edgegw.sim.fleet import Fleet
 from edgegw.sim.netcut import NetCut
 from edgegw.sim.sink import CloudSink
 from edgegw.tlsutil import client_ssl_context
@@ -35,7 +35,8 @@ TOPIC_PREFIX = "edgegw"
 READY_TIMEOUT = 20.0
 CONNECT_TIMEOUT = 30.0
 ACK_TIMEOUT = 30.0
-DRAIN_TIMEOUT = 30.0
+DRAIN_STALL = 15.0  # give up draining after this long without a single delivery...
+DRAIN_MAX = 120.0  # ...or after this long in all
 STOP_TIMEOUT = 20.0
 
 
@@ -196,7 +197,8 @@ async def _run(tmp: Path, n_devices: int, seconds: float, outage: float, rate: f
             await cut_task  # restores the link if the outage outlasts publishing (bounded by ``outage``)
             phase = "draining"
             acked = fleet.acked_seqs()
-            drained = await _until(lambda: outbox.depth == 0 and sink.has_all(acked), DRAIN_TIMEOUT)
+            drained = await _until(lambda: outbox.depth == 0 and sink.has_all(acked), DRAIN_MAX,
+                                   progress=lambda: sink.received, stall=DRAIN_STALL)
             # Give the last duplicates and stragglers a moment (deliveries beyond what was acknowledged count).
             await asyncio.sleep(0.3)
         finally:
@@ -272,11 +274,21 @@ async def _stop_gateway(stop: asyncio.Event, gw_task: asyncio.Task[None], summar
         summary["gateway_error"] = error
 
 
-async def _until(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+async def _until(predicate: Callable[[], bool], timeout: float, *, progress: Callable[[], object] | None = None,
+                 stall: float | None = None, interval: float = 0.1) -> bool:
+    """Wait for ``predicate``: at most ``timeout`` seconds, and at most ``stall`` seconds without ``progress()``
+    changing. True if it came true."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    last = progress() if progress is not None else None
+    moved = loop.time()
     while not predicate():
-        if loop.time() >= deadline:
+        now = loop.time()
+        if progress is not None:
+            current = progress()
+            if current != last:
+                last, moved = current, now
+        if now >= deadline or (stall is not None and now - moved >= stall):
             return False
         await asyncio.sleep(interval)
     return True
@@ -300,7 +312,9 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  published     {s['published']:>8}   messages the devices sent (QoS 1)",
         f"  acknowledged  {s['acknowledged']:>8}   PUBACKed by the gateway after commit to the outbox",
         f"  delivered     {s['delivered']:>8}   unique messages the cloud sink received",
-        f"  lost          {s['lost']:>8}   acknowledged but never delivered",
+        f"  lost          {s['lost']:>8}   acknowledged but never delivered"
+        + (f" ({s['outbox_depth_end']} still in the outbox when the drain wait ended)"
+           if s.get("outbox_depth_end") else ""),
         f"  duplicates    {s['duplicates']:>8}   delivered more than once (at-least-once)",
     ]
     if "max_outbox_depth" in s:
@@ -313,7 +327,7 @@ def _print_summary(s: dict[str, Any]) -> None:
             f"failed connects {up.get('connect_failures')}",
         ]
         if s.get("not_sent"):
-            lines.append(f"  not sent      {s['not_sent']:>8}   due but held back by backpressure when publishing ended")
+            lines.append(f"  not sent      {s['not_sent']:>8}   due but unsent (backpressure) when publishing ended")
         if s.get("gateway_error"):
             lines.append(f"  gateway error {s['gateway_error']}")
     lines.append(f"  result        {'OK: nothing acknowledged was lost' if ok else 'FAILED'}")
