@@ -354,3 +354,16 @@ def test_limits_connections_keepalive_packet_size(fleet: Fleet, mosquitto: Mosqu
     entry = gw.wait_for_event("mqtt.protocol_error", device_id="dev-03")
     assert entry["reason"] == "PACKET_TOO_LARGE"
     big.close()
+
+
+def test_unusable_outbox_fails_at_start_naming_the_file(mosquitto: Mosquitto, gateway_factory: Any) -> None:
+    import sys
+    gw = gateway_factory(mosquitto)
+    blocker = gw.folder / "not-a-folder"
+    blocker.write_text("a file where the outbox folder should be")
+    gw.config_path.write_text(gw.config_path.read_text().replace(
+        str(gw.folder / "outbox.db"), str(blocker / "outbox.db")))
+    proc = subprocess.run([sys.executable, "-m", "edgegw", "run", "--config", str(gw.config_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert str(blocker / "outbox.db") in proc.stderr
