@@ -36,7 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         return _error(f"{args.config}: {exc}")
-    configure_logging(args.log_level or config.log.level, config.log.format)
+    configure_logging(args.log_level or config.log.level, config.log.format,
+                      rate_limit=config.log.rate_limit, rate_interval=config.log.rate_interval)
     try:
         asyncio.run(run_until_signalled(config))
     except EdgegwError as exc:
@@ -52,7 +53,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     missing = [(key, path) for key, path in (
         ("tls.cert", config.tls.cert), ("tls.key", config.tls.key), ("tls.ca", config.tls.ca),
         ("uplink.ca", config.uplink.ca), ("uplink.cert", config.uplink.cert), ("uplink.key", config.uplink.key),
-    ) if not path.is_file()]
+        ("tls.crl", config.tls.crl), ("registry.path", config.registry.path),
+    ) if path is not None and not path.is_file()]
     if missing:
         key, path = missing[0]
         return _error(f"{args.file}: {key}: file {path} does not exist")
@@ -91,6 +93,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     rel = lambda p: p.relative_to(folder).as_posix()  # noqa: E731 - paths in the config are relative to it
     state_dir: Path = args.state_dir.resolve() if args.state_dir else folder / "state"
     outbox_path = (state_dir / "outbox.db").as_posix() if args.state_dir else "state/outbox.db"
+    # Under systemd the config folder is read-only (ProtectSystem=strict): everything written goes to the state dir.
+    session_store = ((state_dir / "mqtt-sessions.msgpack").as_posix() if args.state_dir
+                     else "state/mqtt-sessions.msgpack")
     config_path.write_text(f'''# Written by `edgegw init`. Every key, with its default: configs/edgegw.example.toml
 # Relative paths are relative to this file's folder.
 
@@ -106,9 +111,14 @@ ca = "pki/ca.crt"
 [mqtt]
 bind = "0.0.0.0"
 port = {args.mqtt_port}
+session_store = "{session_store}"
 
 [outbox]
 path = "{outbox_path}"
+
+[registry]
+# Suspended/revoked devices (`edgegw devices suspend ...`, `edgegw pki revoke ...`) are refused; reloaded on change.
+path = "pki/registry.db"
 
 [uplink]
 host = "{host}"
@@ -121,6 +131,25 @@ key = "{rel(client.key)}"
     print(f"wrote {config_path}")
     print(f"wrote {pki}/ (CA, server certificate 'gateway', uplink client certificate 'uplink')")
     print(f"next: edgegw pki issue {pki} device DEVICE_ID; edgegw run --config {config_path}")
+    return EXIT_OK
+
+
+# --- docs --------------------------------------------------------------------------------------------------------
+
+
+def cmd_docs(args: argparse.Namespace) -> int:
+    from edgegw.ops.asyncapi import asyncapi_document, render_html
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        return _error(f"{args.config}: {exc}")
+    doc = asyncapi_document(config, host=args.host)
+    text = render_html(doc) if args.html else json.dumps(doc, indent=2) + "\n"
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -166,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     add_pki_parser(sub)
+    from edgegw.registry.cli import add_devices_parser
+
+    add_devices_parser(sub)
+
+    p = sub.add_parser("docs", help="write the AsyncAPI 3 document of the device-facing API (from a config)")
+    p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")
+    p.add_argument("--host", help="host name devices use (default: mqtt.bind, or gateway.local for 0.0.0.0)")
+    p.add_argument("--html", action="store_true", help="a self-contained HTML page instead of JSON")
+    p.add_argument("--output", "-o", type=Path, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_docs)
 
     p = sub.add_parser("demo", help="run a self-contained demo: PKI, gateway, upstream broker, simulated fleet")
     p.add_argument("--devices", type=int, default=50, help="simulated devices (default 50)")

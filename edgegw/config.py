@@ -44,6 +44,14 @@ class TLSSettings:
     key: Path
     ca: Path
     min_version: Literal["1.2", "1.3"] = "1.2"
+    crl: Path | None = None
+    """The fleet CA's CRL (PEM, ``edgegw pki crl``), checked at every handshake; "" in TOML: no revocation check."""
+    reload_interval: float = 5.0
+    """Seconds between checks of cert, key, CA, CRL and registry for changes (SIGHUP reloads at once); 0: SIGHUP only."""
+
+    def __post_init__(self) -> None:
+        if self.reload_interval < 0:
+            raise ConfigError("tls.reload_interval", f"must be >= 0 (0: SIGHUP only), got {self.reload_interval}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +65,29 @@ class MQTTSettings:
     """QoS 1/2 publishes per connection awaiting commit; past it the connection is not read (3.1.1) or told 0x93."""
     tls_read_buffer: int = 32 * 1024
     """Per-connection TLS read buffer. asyncio's default is 256 KiB per connection (BRIEF §2)."""
+    topic_alias_maximum: int = 16
+    """Topic aliases a MQTT 5 device may set per connection (0: none)."""
+    max_topic_length: int = 256
+    max_topic_levels: int = 16
+    max_keepalive: int = 3600
+    """Keep-alive of 0 or above this is replaced by this (MQTT 5: Server Keep Alive in the CONNACK)."""
+    max_session_expiry: int = 86400
+    """Seconds a persistent session (and its queue) outlives its connection at most."""
+    max_subscriptions: int = 64
+    """Topic filters per device; more are refused (0x97)."""
+    max_inflight_messages: int = 32
+    """Server-to-device QoS 1/2 publishes awaiting the device's ack (lower if the device's Receive Maximum is)."""
+    max_queued_messages: int = 1000
+    """Per session: messages waiting for the in-flight window or for an offline device; oldest dropped past it."""
+    max_queued_bytes: int = 1024 * 1024
+    retained_max_count: int = 10_000
+    retained_max_bytes: int = 16 * 1024 * 1024
+    session_store: Path = Path("state/mqtt-sessions.msgpack")
+    """Persistent sessions, their queues and retained messages are saved here at shutdown and restored at start."""
+    lab: bool = False
+    """Also listen on plain TCP (lab_bind:lab_port), client id as identity, every topic allowed. Never in production."""
+    lab_bind: str = "127.0.0.1"
+    lab_port: int = 1883
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -69,17 +100,35 @@ class MQTTSettings:
             raise ConfigError("mqtt.receive_maximum", f"must be 1-65535, got {self.receive_maximum}")
         if not 4096 <= self.tls_read_buffer <= 1024 * 1024:
             raise ConfigError("mqtt.tls_read_buffer", f"must be 4096 .. 1048576 bytes, got {self.tls_read_buffer}")
+        if not 0 <= self.topic_alias_maximum <= 65535:
+            raise ConfigError("mqtt.topic_alias_maximum", f"must be 0-65535, got {self.topic_alias_maximum}")
+        if not 1 <= self.max_topic_length <= 65535:
+            raise ConfigError("mqtt.max_topic_length", f"must be 1-65535, got {self.max_topic_length}")
+        if not 1 <= self.max_keepalive <= 65535:
+            raise ConfigError("mqtt.max_keepalive", f"must be 1-65535, got {self.max_keepalive}")
+        if not 0 <= self.max_session_expiry <= 0xFFFFFFFF:
+            raise ConfigError("mqtt.max_session_expiry", f"must be 0-4294967295, got {self.max_session_expiry}")
+        if not 1 <= self.max_inflight_messages <= 65535:
+            raise ConfigError("mqtt.max_inflight_messages", f"must be 1-65535, got {self.max_inflight_messages}")
+        if not 0 <= self.lab_port <= 65535:
+            raise ConfigError("mqtt.lab_port", f"must be 0-65535, got {self.lab_port}")
+        for key in ("max_topic_levels", "max_subscriptions", "max_queued_messages", "max_queued_bytes",
+                    "retained_max_count", "retained_max_bytes"):
+            _positive(f"mqtt.{key}", getattr(self, key))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ACLSettings:
     publish: tuple[str, ...] = ("devices/{device_id}/#",)
     """Topic filters a device may publish to; ``{device_id}`` is the device's certificate CN."""
+    subscribe: tuple[str, ...] = ("devices/{device_id}/#",)
+    """Topic filters a device may subscribe within (a filter must lie entirely inside one of them)."""
 
     def __post_init__(self) -> None:
-        for i, pattern in enumerate(self.publish):
-            if not pattern or pattern.startswith("/"):
-                raise ConfigError(f"acl.publish[{i}]", f"invalid topic filter {pattern!r}")
+        for key in ("publish", "subscribe"):
+            for i, pattern in enumerate(getattr(self, key)):
+                if not pattern or pattern.startswith("/"):
+                    raise ConfigError(f"acl.{key}[{i}]", f"invalid topic filter {pattern!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -91,12 +140,30 @@ class OutboxSettings:
     """``full`` fsyncs every group commit and survives power cuts; ``normal`` survives only a killed process."""
     max_pending: int = 20_000
     """Records awaiting commit before devices stop being read (backpressure)."""
+    max_records: int = 1_000_000
+    """Records held (committed and awaiting commit) before ``full_policy`` applies."""
+    max_bytes: int = 256 * 1024 * 1024
+    """Bytes held (payload + topic + device id + properties + 64 per record) before ``full_policy`` applies."""
+    ttl: float = 7 * 24 * 3600.0
+    """Seconds a record may wait for the upstream; older ones are deleted and counted as expired. 0: no limit."""
+    min_free_bytes: int = 64 * 1024 * 1024
+    """Disk headroom: the outbox stops growing (``full_policy`` applies) before the filesystem has less free."""
+    full_policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"
+    """When full: evict the oldest records of the device holding the most, or refuse new records (MQTT 5 PUBACK
+    0x97, backpressure on 3.1.1). A device over its fair share is refused first."""
 
     def __post_init__(self) -> None:
         if self.commit_window_ms < 0:
             raise ConfigError("outbox.commit_window_ms", f"must be >= 0, got {self.commit_window_ms}")
         _positive("outbox.commit_max_records", self.commit_max_records)
         _positive("outbox.max_pending", self.max_pending)
+        _positive("outbox.max_records", self.max_records)
+        if self.max_bytes < 4096:
+            raise ConfigError("outbox.max_bytes", f"must be >= 4096, got {self.max_bytes}")
+        if self.ttl < 0:
+            raise ConfigError("outbox.ttl", f"must be >= 0 (0: no limit), got {self.ttl}")
+        if self.min_free_bytes < 0:
+            raise ConfigError("outbox.min_free_bytes", f"must be >= 0, got {self.min_free_bytes}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,10 +185,48 @@ class UplinkSettings:
     connect_timeout: float = 10.0
     tls_server_name: str = ""
     """Host name to check the upstream's certificate against; defaults to ``host``."""
+    live_first: bool = True
+    """After a (re)connect, records arriving from now on go up at once; the backlog drains behind them, paced."""
+    backfill_rate: float = 0.0
+    """Backlog records per second (all devices); 0: as fast as the in-flight window allows."""
+    backfill_bytes_rate: float = 0.0
+    """Backlog payload bytes per second (all devices); 0: no limit."""
+    backfill_device_rate: float = 0.0
+    """Backlog records per second per device (a cloud's per-device quota); 0: no limit."""
+    backfill_device_bytes_rate: float = 0.0
+    """Backlog payload bytes per second per device; 0: no limit."""
+    endpoints: tuple[str, ...] = ()
+    """More upstream brokers as ``host:port`` (same TLS material), after ``host``:``port``."""
+    endpoint_policy: Literal["priority", "round-robin"] = "priority"
+    """``priority``: the first healthy endpoint, failing back when a higher one answers again; ``round-robin``:
+    the next healthy one at each connection."""
+    breaker_failures: int = 3
+    """Consecutive failures (attempts, or connections lost within 5 s) that open an endpoint's circuit."""
+    breaker_cooldown: float = 30.0
+    """Seconds an open circuit keeps an endpoint out of rotation; also the fail-back probe interval."""
+    batch_max_records: int = 1
+    """Records per upstream message: 1 sends each record on its own; more packs them into msgpack frames
+    (docs/OUTBOX.md, edgegw/uplink/frames.py)."""
+    batch_max_bytes: int = 65536
+    """Upper bound of a frame's payload before compression (also kept under the broker's Maximum Packet Size)."""
+    batch_compression: Literal["none", "zlib"] = "none"
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("uplink.host", "must not be empty")
+        for name in ("backfill_rate", "backfill_bytes_rate", "backfill_device_rate", "backfill_device_bytes_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"uplink.{name}", f"must be >= 0 (0: no limit), got {getattr(self, name)}")
+        for i, endpoint in enumerate(self.endpoints):
+            host, sep, port = endpoint.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ConfigError(f"uplink.endpoints[{i}]", f"expected host:port, got {endpoint!r}")
+        _positive("uplink.breaker_failures", self.breaker_failures)
+        if not 1 <= self.batch_max_records <= 65535:
+            raise ConfigError("uplink.batch_max_records", f"must be 1-65535, got {self.batch_max_records}")
+        if self.batch_max_bytes < 1024:
+            raise ConfigError("uplink.batch_max_bytes", f"must be >= 1024, got {self.batch_max_bytes}")
+        _positive("uplink.breaker_cooldown", self.breaker_cooldown)
         if not 1 <= self.port <= 65535:
             raise ConfigError("uplink.port", f"must be 1-65535, got {self.port}")
         if not 1 <= self.inflight_window <= 65535:
@@ -136,9 +241,48 @@ class UplinkSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RegistrySettings:
+    path: Path | None = None
+    """The device registry (``DIR/registry.db`` of ``edgegw pki``): suspended and revoked devices are refused at
+    CONNECT; "" in TOML: no registry."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
+    rate_limit: int = 100
+    """Log events of one name per ``rate_interval`` at most; the rest are counted and reported (0: no limit)."""
+    rate_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.rate_limit < 0:
+            raise ConfigError("log.rate_limit", f"must be >= 0 (0: no limit), got {self.rate_limit}")
+        _positive("log.rate_interval", self.rate_interval)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminSettings:
+    """The operator's HTTP server: /metrics, /healthz, /readyz, the JSON API and the status page."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    """Loopback by default: the API can disconnect devices and has no authentication of its own."""
+    port: int = 9180
+    tls_cert: Path | None = None
+    """Serve HTTPS with this certificate (PEM) and ``tls_key``; "" in TOML: plain HTTP."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """Require a client certificate signed by this CA (mTLS: the way to open the admin server beyond loopback)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("admin.port", f"must be 0-65535, got {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("admin.tls_key" if self.tls_key is None else "admin.tls_cert",
+                              "tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("admin.tls_client_ca", "client certificates need HTTPS: set tls_cert and tls_key")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -149,7 +293,9 @@ class Config:
     acl: ACLSettings = field(default_factory=ACLSettings)
     outbox: OutboxSettings = field(default_factory=OutboxSettings)
     uplink: UplinkSettings
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
     log: LogSettings = field(default_factory=LogSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     source: Path | None = None
     """The file this was loaded from (not a config key)."""
 
@@ -165,7 +311,9 @@ _SECTIONS: dict[str, type] = {
     "acl": ACLSettings,
     "outbox": OutboxSettings,
     "uplink": UplinkSettings,
+    "registry": RegistrySettings,
     "log": LogSettings,
+    "admin": AdminSettings,
 }
 
 
@@ -235,7 +383,10 @@ def _coerce(hint: Any, value: Any, key: str, base_dir: Path) -> Any:
             raise ConfigError(key, f"expected a list, got {value!r}")
         return tuple(_coerce(item, v, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
     if origin in (types.UnionType, typing.Union):
-        raise TypeError(f"unsupported config type {hint}")  # keep the schema simple: no optional keys
+        # The only optional keys are paths: "" means "not set" (TOML has no null).
+        if set(get_args(hint)) != {Path, type(None)}:
+            raise TypeError(f"unsupported config type {hint}")
+        return None if value == "" else _coerce(Path, value, key, base_dir)
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"expected true or false, got {value!r}")

@@ -14,13 +14,14 @@ from collections.abc import Callable
 
 import structlog
 
+from edgegw.admin import AdminServer
 from edgegw.config import Config
 from edgegw.errors import ConfigError
-from edgegw.identity import server_ssl_context
 from edgegw.mqtt.server import MQTTServer
 from edgegw.ops.notify import SystemdNotifier
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
+from edgegw.registry.reload import Credentials
 from edgegw.tlsutil import client_ssl_context
 from edgegw.uplink.paho_bridge import Uplink
 
@@ -38,25 +39,30 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.server: MQTTServer | None = None
         self.uplink: Uplink | None = None
+        self.credentials = Credentials(config.tls, config.registry)
+        """Device-facing TLS material, CRL and registry; reloaded on SIGHUP / file change (edgegw/registry/reload.py)."""
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[Gateway], None] | None = None) -> None:
         config = self.config
-        device_tls = _load_tls("tls", lambda: server_ssl_context(config.tls))
+        device_tls = _load_tls("tls", self.credentials.load)
         uplink_tls = _load_tls("uplink", lambda: client_ssl_context(
             config.uplink.ca, config.uplink.cert, config.uplink.key))
         outbox = self.outbox = await Outbox.open(config.outbox)
         try:
             server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox)
+            self.credentials.attach(server)  # the registry/CRL authorizer, and reload closes revoked sessions
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
                                           ssl_context=uplink_tls)
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(outbox.run(), name="outbox-writer")
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
                 await server.start()
+                admin = await AdminServer.start_for(self, writer_task=writer)  # None if [admin] enabled = false
                 log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
                          outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 watchdog = tg.create_task(self.notifier.watchdog(self.status_line), name="watchdog")
+                watcher = tg.create_task(self.credentials.watch(), name="credentials-watch")
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
@@ -67,10 +73,17 @@ class Gateway:
                 await writer
                 uplink_task.cancel()
                 watchdog.cancel()
+                watcher.cancel()
+                if admin is not None:
+                    await admin.close()
         finally:
             await outbox.close()
         log.info("gateway.stopped", outbox_depth=outbox.depth)
 
+
+    def reload(self, trigger: str = "SIGHUP") -> bool:
+        """Re-read server certificate/key, CA bundle, CRL and registry; sessions stay unless no longer allowed."""
+        return self.credentials.reload(trigger) if self.server is not None else False
 
     def status_line(self) -> str:
         devices = len(self.server.devices) if self.server else 0
@@ -89,13 +102,15 @@ def _load_tls(section: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLConte
 
 
 async def run_until_signalled(config: Config) -> None:
-    """Run the gateway in the foreground until SIGTERM or SIGINT."""
+    """Run the gateway in the foreground until SIGTERM or SIGINT; SIGHUP reloads the device-facing credentials."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    gateway = Gateway(config, SystemdNotifier())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     try:
-        await Gateway(config, SystemdNotifier()).run(stop)
+        await gateway.run(stop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

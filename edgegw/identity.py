@@ -26,7 +26,11 @@ def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_cert_chain(tls.cert, tls.key)
     ctx.load_verify_locations(cafile=tls.ca)
-    # Session tickets would let a resumed session skip the certificate check against a reloaded CRL (later).
+    if tls.crl is not None:
+        # The CRL goes into the same store; checked for the device's own certificate at every handshake.
+        ctx.load_verify_locations(cafile=tls.crl)
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    # Session tickets would let a resumed session skip the certificate check against a reloaded CRL.
     ctx.options |= ssl.OP_NO_TICKET
     return ctx
 

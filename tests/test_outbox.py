@@ -34,7 +34,7 @@ async def test_callback_only_after_commit_and_rows_visible_on_disk(tmp_path: Pat
 
     for i in range(50):
         rec = outbox.submit("dev-1", f"devices/dev-1/t{i}", b"x" * i, 1, None)
-        outbox._pending[-1] = (rec, lambda ok, rid=rec.id: on_commit(rid, ok))
+        outbox._pending[-1] = (rec, outbox._pending[-1][1], lambda ok, rid=rec.id: on_commit(rid, ok))
     assert seen == []  # nothing acknowledged synchronously
     for _ in range(200):
         if len(seen) == 50:
@@ -136,8 +136,99 @@ async def test_path_is_a_directory_names_the_file(tmp_path: Path) -> None:
         await Outbox.open(OutboxSettings(path=target))
 
 
-async def test_corrupt_file_fails_at_start_naming_it(tmp_path: Path) -> None:
+async def test_corrupt_file_is_moved_aside_loudly_and_a_new_one_created(tmp_path: Path) -> None:
+    import structlog
     target = tmp_path / "outbox.db"
-    target.write_bytes(b"this is not an sqlite database" * 100)
-    with pytest.raises(OutboxError, match="outbox.db"):
-        await Outbox.open(OutboxSettings(path=target))
+    garbage = b"this is not an sqlite database" * 100
+    target.write_bytes(garbage)
+    (tmp_path / "outbox.db-wal").write_bytes(b"junk wal")
+    with structlog.testing.capture_logs() as logs:
+        outbox = await Outbox.open(OutboxSettings(path=target))
+    errors = [e for e in logs if e["event"] == "outbox.corrupt_moved_aside"]
+    assert len(errors) == 1 and errors[0]["log_level"] == "error"
+    aside = Path(errors[0]["moved_to"])
+    assert aside.name.startswith("outbox.db.corrupt-") and aside.read_bytes() == garbage
+    writer = asyncio.create_task(outbox.run())
+    record = outbox.submit("d", "devices/d/x", b"after", 1)
+    outbox.stop()
+    await writer
+    await outbox.close()
+    assert rows_on_disk(target) == [(record.id, "d", "devices/d/x", b"after", 1)]
+    # ids of the new file start above anything the old one can have used: the cloud deduplicates on them
+    assert record.id > 1_600_000_000_000_000
+
+
+async def test_damaged_page_is_detected_at_start(tmp_path: Path) -> None:
+    target = tmp_path / "outbox.db"
+    outbox = await Outbox.open(OutboxSettings(path=target))
+    writer = asyncio.create_task(outbox.run())
+    for i in range(2000):
+        outbox.submit("d", f"devices/d/{i}", b"p" * 200, 1)
+    outbox.stop()
+    await writer
+    await outbox.close()
+    with sqlite3.connect(target) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(target.read_bytes())
+    page = 4096
+    for offset in range(3 * page, len(data) - page, 7 * page):  # scribble over some b-tree pages
+        data[offset:offset + 64] = b"\xff" * 64
+    target.write_bytes(bytes(data))
+    outbox = await Outbox.open(OutboxSettings(path=target))
+    try:
+        assert outbox.depth == 0
+        assert list(tmp_path.glob("outbox.db.corrupt-*"))
+    finally:
+        await outbox.close()
+
+
+async def test_undecodable_record_is_quarantined_not_blocking(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    outbox = await Outbox.open(s)
+    writer = asyncio.create_task(outbox.run())
+    good = [outbox.submit("d", "devices/d/x", b"%d" % i, 1) for i in range(3)]
+    outbox.stop()
+    await writer
+    await outbox.close()
+    with sqlite3.connect(s.path) as db:  # damage one row the way a bad disk or a foreign writer would
+        db.execute("UPDATE records SET topic = CAST(x'ff00fe' AS TEXT) WHERE id = ?", (good[1].id,))
+        db.execute("INSERT INTO records (id, device_id, topic, payload, qos, received_at) "
+                   "VALUES (?, 'd', 'devices/d/y', NULL, 7, 0)".replace("NULL", "x''"), (good[2].id + 1,))
+    outbox = await Outbox.open(s)
+    writer = asyncio.create_task(outbox.run())
+    records = await outbox.fetch_after(0, 10)
+    assert [r.id for r in records] == [good[0].id, good[2].id]
+    outbox.stop()
+    await writer
+    assert await outbox.count_quarantined() == 2
+    assert outbox.depth == 2
+    await outbox.close()
+    with sqlite3.connect(s.path) as db:
+        reasons = [r[0] for r in db.execute("SELECT reason FROM quarantine ORDER BY id")]
+    assert all(r.startswith("cannot decode record") for r in reasons) and "qos 7" in reasons[1]
+
+
+async def test_version_1_file_is_migrated(tmp_path: Path) -> None:
+    target = tmp_path / "outbox.db"
+    with sqlite3.connect(target) as db:  # the schema of the first release, without auto_vacuum
+        db.executescript("""
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE records (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL,
+                topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, received_at REAL NOT NULL,
+                properties BLOB);
+            CREATE TABLE quarantine (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, topic TEXT NOT NULL,
+                payload BLOB NOT NULL, qos INTEGER NOT NULL, received_at REAL NOT NULL, properties BLOB,
+                reason TEXT NOT NULL, quarantined_at REAL NOT NULL);
+            INSERT INTO meta VALUES ('schema_version', '1');
+            INSERT INTO records (device_id, topic, payload, qos, received_at) VALUES ('d', 'devices/d/x', x'00', 1, 1);
+        """)
+    outbox = await Outbox.open(OutboxSettings(path=target))
+    try:
+        assert outbox.depth == 1 and outbox.usage("d") == (1, 1 + 11 + 1 + 64)
+        [record] = await outbox.fetch_after(0, 10)
+        assert (record.id, record.payload, record.priority) == (1, b"\x00", 1)
+    finally:
+        await outbox.close()
+    with sqlite3.connect(target) as db:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"

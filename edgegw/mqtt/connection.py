@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet
+from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet, encode_publish
 from edgegw.mqtt.packets import (
     MQTT_5,
     MQTT_311,
@@ -45,6 +45,9 @@ from edgegw.mqtt.packets import (
     Unsuback,
     Unsubscribe,
 )
+from edgegw.mqtt.session import Outgoing, SessionState
+
+SESSION_EXPIRY_NEVER = 0xFFFFFFFF
 
 
 class ConnectionState(Enum):
@@ -102,20 +105,43 @@ class MQTTConnection:
     the shell applies the same bound as backpressure by not reading (see :attr:`inflight`).
     """
 
-    def __init__(self, *, max_packet_size: int, receive_maximum: int = 64) -> None:
+    def __init__(self, *, max_packet_size: int, receive_maximum: int = 64, topic_alias_maximum: int = 0,
+                 max_topic_length: int = 65535, max_topic_levels: int = 0, max_keepalive: int = 0,
+                 max_session_expiry: int = SESSION_EXPIRY_NEVER, max_inflight_out: int = 65535) -> None:
         self.state = ConnectionState.AWAIT_CONNECT
         self.protocol_level = MQTT_311
         self.keepalive = 0
+        """Effective keep-alive in seconds: the client's, or ``max_keepalive`` if it asked for 0 or more."""
         self.client_id = ""
         self.close_reason: ConnectionClosed | None = None
+        self.session = SessionState()
+        self.session_expiry = 0
+        """Seconds the session outlives this connection, as granted (capped by ``max_session_expiry``)."""
+        self.client_receive_maximum = 65535  # MQTT 5 §3.1.2.11.3: absent means 65,535
+        self.client_max_packet_size: int | None = None  # MQTT 5 §3.1.2.11.4: absent means no limit
+        self.dropped_too_large = 0
+        """Outgoing publishes dropped because they exceed the client's Maximum Packet Size (MQTT-3.1.2-25)."""
         self._frames = FrameReader(max_packet_size)
         self._receive_maximum = receive_maximum
         self._max_packet_size = max_packet_size
+        self._topic_alias_maximum = topic_alias_maximum
+        self._max_topic_length = max_topic_length
+        self._max_topic_levels = max_topic_levels
+        self._max_keepalive = max_keepalive
+        self._max_session_expiry = max_session_expiry
+        self._max_inflight_out = min(max_inflight_out, 65535)
+        self._requested_session_expiry = 0
+        self._keepalive_overridden = False
+        self._aliases: dict[int, str] = {}  # client -> server topic aliases (MQTT 5 §3.3.2.3.4), per connection
         self._out: list[bytes] = []
         # Packet ids of QoS 1/2 publishes handed to the shell and not yet acknowledged, with their QoS.
         self._awaiting_ack: dict[int, int] = {}
-        # QoS 2 packet ids we sent PUBREC for and whose PUBREL has not come (MQTT 5 §4.3.3, method B).
-        self._awaiting_rel: set[int] = set()
+
+    @property
+    def _awaiting_rel(self) -> set[int]:
+        # QoS 2 packet ids we sent PUBREC for and whose PUBREL has not come (MQTT 5 §4.3.3, method B). Kept in the
+        # session so that a resend after a reconnect is recognised and not recorded twice.
+        return self.session.awaiting_rel
 
     # --- input ---------------------------------------------------------------------------------------------
 
@@ -166,14 +192,21 @@ class MQTTConnection:
             return SubscribeRequested(packet)
         if isinstance(packet, Unsubscribe):
             return UnsubscribeRequested(packet)
+        if isinstance(packet, Puback | Pubrec | Pubcomp):
+            self._on_delivery_ack(packet)
+            return None
         if isinstance(packet, Disconnect):
+            expiry = packet.properties.get(PropertyId.SESSION_EXPIRY_INTERVAL)
+            if isinstance(expiry, int):
+                if self._requested_session_expiry == 0 and expiry != 0:
+                    raise MQTTProtocolError("session expiry set on DISCONNECT after 0 on CONNECT")  # MQTT-3.14.2-2
+                self.session_expiry = min(expiry, self._max_session_expiry)
             self.state = ConnectionState.CLOSED
             self.close_reason = ConnectionClosed(packet.reason_code, "client disconnected", by_peer=True)
             return self.close_reason
         if isinstance(packet, Connect):
             raise MQTTProtocolError("second CONNECT on one connection")  # MQTT-3.1.0-2
-        # PUBACK/PUBREC/PUBCOMP answer server-to-device publishes (downlink, MQTT engine issue); until the server
-        # sends any, receiving one is a protocol error, as are client-bound packets (CONNACK, SUBACK, ...).
+        # Client-bound packets (CONNACK, SUBACK, PINGRESP, ...) from a client.
         raise MQTTProtocolError(f"unexpected {type(packet).__name__.upper()} from client")
 
     def _on_connect(self, c: Connect) -> Event:
@@ -183,23 +216,69 @@ class MQTTConnection:
             self._send(Connack(False, ReasonCode.UNSUPPORTED_PROTOCOL_VERSION))
             return self._close(ReasonCode.UNSUPPORTED_PROTOCOL_VERSION,
                                f"unsupported protocol {c.protocol_name!r} level {c.protocol_level}", by_peer=False)
+        props = c.properties
+        if self.protocol_level == MQTT_5:
+            receive_max = props.get(PropertyId.RECEIVE_MAXIMUM)
+            max_packet = props.get(PropertyId.MAXIMUM_PACKET_SIZE)
+            if receive_max == 0 or max_packet == 0:
+                raise MQTTProtocolError("Receive Maximum or Maximum Packet Size of 0")  # MQTT 5 §3.1.2.11.3/4
+            if isinstance(receive_max, int):
+                self.client_receive_maximum = receive_max
+            if isinstance(max_packet, int):
+                self.client_max_packet_size = max_packet
+            expiry = props.get(PropertyId.SESSION_EXPIRY_INTERVAL, 0)
+            self._requested_session_expiry = expiry if isinstance(expiry, int) else 0
+        else:
+            # MQTT 3.1.1: a clean session ends with the connection; otherwise it never expires (capped below).
+            self._requested_session_expiry = 0 if c.clean_start else SESSION_EXPIRY_NEVER
+        self.session_expiry = min(self._requested_session_expiry, self._max_session_expiry)
         self.keepalive = c.keepalive
+        if self._max_keepalive and (c.keepalive == 0 or c.keepalive > self._max_keepalive):
+            # MQTT 5 §3.2.2.3.14 Server Keep Alive: the client must use ours. A 3.1.1 client cannot be told, so it
+            # is held to the same bound: silent for 1.5 x max_keepalive means gone.
+            self.keepalive = self._max_keepalive
+            self._keepalive_overridden = True
         self.client_id = c.client_id
         self.state = ConnectionState.AUTHORIZING
         return ConnectRequested(c)
 
+    def topic_problem(self, topic: str) -> str | None:
+        """Why ``topic`` is not an acceptable topic name here, or None (also used by the shell for wills)."""
+        if not topic or "+" in topic or "#" in topic:
+            return f"invalid topic name {topic!r}"  # MQTT-3.3.2-2 (no wildcards), MQTT-4.7.3-1 (not empty)
+        if len(topic) > self._max_topic_length:
+            return f"topic longer than {self._max_topic_length} characters"
+        if self._max_topic_levels and topic.count("/") >= self._max_topic_levels:
+            return f"topic has more than {self._max_topic_levels} levels"
+        return None
+
     def _on_publish(self, p: Publish) -> Event | None:
-        if not p.topic or "+" in p.topic or "#" in p.topic:
-            # MQTT-3.3.2-2 (no wildcards); an empty topic needs a topic alias, which we do not offer yet.
-            raise MQTTProtocolError(f"invalid topic name {p.topic!r}", ReasonCode.TOPIC_NAME_INVALID)
+        topic = p.topic
         if self.protocol_level == MQTT_5:
-            if PropertyId.TOPIC_ALIAS in p.properties.values:
-                # We advertise Topic Alias Maximum 0 (MQTT-3.3.2-8 makes any alias a protocol error then).
-                raise MQTTProtocolError("topic alias not offered", ReasonCode.TOPIC_ALIAS_INVALID)
+            alias = p.properties.values.get(PropertyId.TOPIC_ALIAS)
+            if alias is not None:
+                # MQTT-3.3.2-8/9: 0 or above the Topic Alias Maximum we sent is invalid.
+                if not isinstance(alias, int) or not 0 < alias <= self._topic_alias_maximum:
+                    raise MQTTProtocolError(f"topic alias {alias} outside 1..{self._topic_alias_maximum}",
+                                            ReasonCode.TOPIC_ALIAS_INVALID)
+                if topic:
+                    problem = self.topic_problem(topic)
+                    if problem is not None:
+                        raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
+                    self._aliases[alias] = topic
+                else:
+                    known = self._aliases.get(alias)
+                    if known is None:
+                        # MQTT 5 §3.3.2.3.4: an alias with no mapping on this connection is a Protocol Error.
+                        raise MQTTProtocolError(f"topic alias {alias} has no mapping")
+                    topic = known
             if p.properties.subscription_ids:
                 raise MQTTProtocolError("subscription identifier in a client PUBLISH")  # MQTT-3.3.4-6
+        problem = self.topic_problem(topic)
+        if problem is not None:
+            raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
         if p.qos == 0:
-            return PublishReceived(p, p.topic)
+            return PublishReceived(p, topic)
         assert p.packet_id is not None  # the codec guarantees it for QoS > 0
         if p.packet_id in self._awaiting_ack:
             # The same id while its first copy is still being committed: a retransmission (DUP), which the pending
@@ -212,28 +291,47 @@ class MQTTConnection:
             # Already committed and PUBREC'd; the device missed our PUBREC. Answer again, record nothing new.
             self._send(Pubrec(p.packet_id))
             return None
+        if p.qos == 2 and p.packet_id in self.session.qos2_pending:
+            # Sent on an earlier connection of this session and still being committed: adopt it; the shell
+            # acknowledges it here once that commit completes (:meth:`awaits_ack`). No second record.
+            self._awaiting_ack[p.packet_id] = 2
+            return None
         if len(self._awaiting_ack) >= self._receive_maximum and self.protocol_level == MQTT_5:
             raise MQTTProtocolError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # §3.3.4
         self._awaiting_ack[p.packet_id] = p.qos
-        return PublishReceived(p, p.topic)
+        if p.qos == 2:
+            self.session.qos2_pending.add(p.packet_id)
+        return PublishReceived(p, topic)
 
     # --- actions -------------------------------------------------------------------------------------------
 
-    def accept(self, *, session_present: bool = False, properties: Properties = NO_PROPERTIES) -> None:
+    def accept(self, *, session_present: bool = False, properties: Properties = NO_PROPERTIES,
+               session: SessionState | None = None) -> None:
+        """Send CONNACK. ``session`` is the device's resumed (or new) session state; in-flight server-to-device
+        messages in it are sent again (DUP PUBLISH, or PUBREL once PUBREC'd: MQTT-4.4.0-1)."""
         self._require(ConnectionState.AUTHORIZING, "accept")
+        if session is not None:
+            self.session = session
         if self.protocol_level == MQTT_5 and not properties:
-            properties = Properties(values={
+            # Absent capability properties mean "available" (retain, wildcards, subscription ids, shared
+            # subscriptions, QoS 2: MQTT 5 §3.2.2.3); only the limits are stated.
+            values: dict[PropertyId, int | str | bytes] = {
                 PropertyId.RECEIVE_MAXIMUM: self._receive_maximum,
                 PropertyId.MAXIMUM_PACKET_SIZE: self._max_packet_size,
-                PropertyId.TOPIC_ALIAS_MAXIMUM: 0,
-                PropertyId.RETAIN_AVAILABLE: 0,
-                PropertyId.WILDCARD_SUBSCRIPTION_AVAILABLE: 0,
-                PropertyId.SUBSCRIPTION_IDENTIFIER_AVAILABLE: 0,
-                PropertyId.SHARED_SUBSCRIPTION_AVAILABLE: 0,
-                PropertyId.MAXIMUM_QOS: 2,
-            })
+                PropertyId.TOPIC_ALIAS_MAXIMUM: self._topic_alias_maximum,
+            }
+            if self._keepalive_overridden:
+                values[PropertyId.SERVER_KEEP_ALIVE] = self.keepalive
+            if self.session_expiry != self._requested_session_expiry:
+                values[PropertyId.SESSION_EXPIRY_INTERVAL] = self.session_expiry
+            properties = Properties(values=values)
         self._send(Connack(session_present, ReasonCode.SUCCESS, properties))
         self.state = ConnectionState.CONNECTED
+        for pid, out in list(self.session.outgoing.items()):
+            if out.released:
+                self._send(Pubrel(pid))
+            else:
+                self._send_publish(pid, out, dup=True, now=None)
 
     def refuse(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
         self._require(ConnectionState.AUTHORIZING, "refuse")
@@ -245,6 +343,12 @@ class MQTTConnection:
         qos = self._awaiting_ack.pop(packet_id, None)
         if qos is None:
             raise RuntimeError(f"no publish {packet_id} awaits acknowledgement")  # a bug in the shell
+        if qos == 2:
+            self.session.qos2_pending.discard(packet_id)
+            if not reason.is_error:
+                # Recorded in the session even if this connection died meanwhile: the device resends after
+                # reconnecting and must get PUBREC, not a second record.
+                self._awaiting_rel.add(packet_id)
         if self.state is not ConnectionState.CONNECTED:
             return  # the connection died first; the device resends and gets a duplicate record at worst
         if self.protocol_level == MQTT_311 and reason.is_error:
@@ -254,9 +358,11 @@ class MQTTConnection:
         if qos == 1:
             self._send(Puback(packet_id, reason))
         else:
-            if not reason.is_error:
-                self._awaiting_rel.add(packet_id)
             self._send(Pubrec(packet_id, reason))
+
+    def awaits_ack(self, packet_id: int) -> bool:
+        """True if a QoS 1/2 publish with this id awaits :meth:`ack_publish` on this connection."""
+        return packet_id in self._awaiting_ack
 
     def ack_subscribe(self, packet_id: int, reason_codes: tuple[int, ...]) -> None:
         self._require(ConnectionState.CONNECTED, "ack_subscribe")
@@ -268,6 +374,64 @@ class MQTTConnection:
     def ack_unsubscribe(self, packet_id: int, reason_codes: tuple[int, ...]) -> None:
         self._require(ConnectionState.CONNECTED, "ack_unsubscribe")
         self._send(Unsuback(packet_id, reason_codes))
+
+    # --- server -> device publishes ---------------------------------------------------------------------------
+
+    @property
+    def can_send(self) -> bool:
+        """Room in the outgoing in-flight window (the client's Receive Maximum, capped by ours)."""
+        return (self.state is ConnectionState.CONNECTED
+                and len(self.session.outgoing) < min(self.client_receive_maximum, self._max_inflight_out))
+
+    def send_publish(self, out: Outgoing, now: float) -> bool:
+        """Send a message to the device; QoS 1/2 only while :attr:`can_send`. ``now`` (monotonic) adjusts the
+        Message Expiry Interval (MQTT-3.3.2-6). False if it was dropped because it exceeds the client's Maximum
+        Packet Size (MQTT-3.1.2-25: as if delivered)."""
+        self._require(ConnectionState.CONNECTED, "send_publish")
+        pid = None
+        if out.qos:
+            pid = self.session.allocate_packet_id()
+            self.session.outgoing[pid] = out
+        if self._send_publish(pid, out, dup=False, now=now):
+            return True
+        if pid is not None:
+            del self.session.outgoing[pid]
+        return False
+
+    def _send_publish(self, pid: int | None, out: Outgoing, *, dup: bool, now: float | None) -> bool:
+        m = out.message
+        props = m.properties
+        if self.protocol_level == MQTT_5 and (out.subscription_ids or (m.expires_at is not None and now is not None)):
+            values = dict(props.values)
+            if m.expires_at is not None and now is not None:
+                values[PropertyId.MESSAGE_EXPIRY_INTERVAL] = max(1, int(m.expires_at - now + 0.5))
+            props = Properties(values=values, user=props.user, subscription_ids=out.subscription_ids)
+        data = encode_publish(Publish(m.topic, m.payload, out.qos, out.retain, dup, pid, props), self.protocol_level)
+        if self.client_max_packet_size is not None and len(data) > self.client_max_packet_size:
+            self.dropped_too_large += 1
+            return False
+        self._out.append(data)
+        return True
+
+    def _on_delivery_ack(self, packet: Puback | Pubrec | Pubcomp) -> None:
+        pid = packet.packet_id
+        out = self.session.outgoing.get(pid)
+        if isinstance(packet, Puback):
+            if out is None or out.qos != 1:
+                raise MQTTProtocolError(f"PUBACK for unknown packet id {pid}")
+            del self.session.outgoing[pid]
+        elif isinstance(packet, Pubrec):
+            if out is None or out.qos != 2:
+                raise MQTTProtocolError(f"PUBREC for unknown packet id {pid}")
+            if packet.reason_code.is_error:  # MQTT 5 §4.3.3: the exchange ends, the id is free
+                del self.session.outgoing[pid]
+                return
+            out.released = True
+            self._send(Pubrel(pid))
+        else:
+            if out is None or not out.released:
+                raise MQTTProtocolError(f"PUBCOMP for unknown packet id {pid}")
+            del self.session.outgoing[pid]
 
     def close(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
         """Server-initiated close. MQTT 5 peers get a DISCONNECT with the reason (§3.14); 3.1.1 peers just EOF."""

@@ -4,9 +4,14 @@ One plain TCP acceptor refuses connections past ``max_connections`` before any T
 with ``loop.start_tls`` so a failed handshake is ours to log (who, and why). After the handshake the device's
 identity is its certificate CN; the CONNECT must carry it as the client id.
 
-The hot path stays synchronous: ``data_received`` -> engine events -> ACL -> ``outbox.submit`` (no await, no task).
+The hot path stays synchronous: ``data_received`` -> engine events -> ACL -> ``outbox.submit`` (no await, no task)
+-> local subscribers (:class:`~edgegw.mqtt.broker.LocalBroker`, only when any subscription or a retain flag exists).
 The outbox calls back after the group commit; the acknowledgements for a whole group are written once per
-connection (``_flush_soon``), not once per message.
+connection (``_flush_soon``), not once per message. Deliveries to devices are flushed the same way.
+
+Also here: the downlink entry point for the uplink (:meth:`MQTTServer.deliver_downlink`), wills (into the outbox
+and to local subscribers), the session snapshot at start/stop (:mod:`edgegw.mqtt.persist`), and the plain-TCP lab
+listener (``mqtt.lab = true`` only).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from edgegw.mqtt.connection import (
     UnsubscribeRequested,
 )
 from edgegw.errors import OutboxError
+from edgegw.mqtt import persist
 from edgegw.mqtt.broker import LocalBroker
 from edgegw.mqtt.forward import forwarded, record_properties
 from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, PropertyId, ReasonCode
@@ -55,6 +61,8 @@ class MQTTStats:
     publish_denied: int = 0
     protocol_errors: int = 0
     takeovers: int = 0
+    publish_rejected: int = 0
+    """Refused by the outbox (full): PUBACK/PUBREC 0x97 over MQTT 5, connection closed over 3.1.1."""
     downlink_delivered: int = 0
     downlink_undeliverable: int = 0
 
@@ -90,6 +98,7 @@ class MQTTServer:
         # asyncio allocates max_size bytes per TLS connection (256 KiB by default; BRIEF §2). The attribute is
         # per class, so it applies to every asyncio TLS connection in this process, which is what we want.
         sslproto.SSLProtocol.max_size = self.settings.tls_read_buffer
+        persist.load(self.settings.session_store, self.broker)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _Acceptor(self), self.settings.bind, self.settings.port, reuse_address=True, backlog=1024)
@@ -243,6 +252,10 @@ class MQTTServer:
             proto.abort()
         for task in list(self._handshakes):
             task.cancel()
+        try:
+            persist.save(self.settings.session_store, self.broker)
+        except OSError as exc:
+            log.error("mqtt.sessions_not_saved", path=str(self.settings.session_store), error=str(exc))
         self.broker.close()
         if self._server is not None:
             await self._server.wait_closed()
@@ -410,6 +423,11 @@ class DeviceProtocol(asyncio.Protocol):
         self.engine.ack_subscribe(packet.packet_id, codes)
         self.server.broker.deliver_all(self.session, retained)
 
+    @property
+    def backlogged(self) -> bool:
+        transport = self.transport
+        return transport is None or transport.get_write_buffer_size() > self.server.settings.max_queued_bytes
+
     def wrote(self) -> None:
         """The broker queued output in the engine (a delivery): write it with this loop iteration's others."""
         self.server.flush_soon(self)
@@ -518,11 +536,22 @@ class DeviceProtocol(asyncio.Protocol):
             if isinstance(mei, int):
                 expires_at = self._loop.time() + mei
         outbox = self.server._outbox
-        if publish.packet_id is None:
-            outbox.submit(device_id, event.topic, publish.payload, 0, properties=record_props)
-        else:
-            outbox.submit(device_id, event.topic, publish.payload, publish.qos,
-                          functools.partial(self._committed, publish.packet_id), record_props)
+        try:
+            if publish.packet_id is None:
+                outbox.submit(device_id, event.topic, publish.payload, 0, properties=record_props)
+            else:
+                outbox.submit(device_id, event.topic, publish.payload, publish.qos,
+                              functools.partial(self._committed, publish.packet_id), record_props)
+        except OutboxError:
+            # Full (reject-new policy) or closing: not stored, so not acknowledged as stored and not delivered
+            # locally. MQTT 5 gets 0x97 and may retry; 3.1.1 has no negative ack, so the connection is closed and
+            # the device keeps the message. The outbox logs "outbox.full" at most every 10 s: nothing per message.
+            self.server.stats.publish_rejected += 1
+            if publish.packet_id is not None:
+                self.engine.ack_publish(publish.packet_id, ReasonCode.QUOTA_EXCEEDED)
+                if self.engine.state is ConnectionState.CLOSED:
+                    self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
+            return
         broker = self.server.broker
         if publish.retain or broker.index.count:
             broker.route(Message(event.topic, publish.payload, publish.qos, publish.retain, fwd,
@@ -544,15 +573,24 @@ class DeviceProtocol(asyncio.Protocol):
             self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
 
     def _committed(self, packet_id: int, ok: bool) -> None:
+        reason = ReasonCode.SUCCESS if ok else ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
         if ok:
             self.engine.ack_publish(packet_id)
             self.server.stats.publish_acked += 1
         else:
             # Not durable, so not acknowledged: the device keeps the message and resends after reconnecting.
-            self.engine.ack_publish(packet_id, ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR)
+            self.engine.ack_publish(packet_id, reason)
             if self.engine.state is ConnectionState.CONNECTED:
                 self._log_closed(self.engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "outbox commit failed"))
         self.server.flush_soon(self)
+        if self.engine.state is ConnectionState.CLOSED and self.session_key is not None:
+            # The device may already be back on a new connection of the same session and have resent this QoS 2
+            # message, which that connection adopted (no second record): it gets the PUBREC now.
+            live = self.server.devices.get(self.session_key)
+            if (live is not None and live is not self and live.session is self.session
+                    and live.engine.awaits_ack(packet_id)):
+                live.engine.ack_publish(packet_id, reason)
+                self.server.flush_soon(live)
         if self._paused:
             self._maybe_resume()
 
@@ -599,7 +637,10 @@ class DeviceProtocol(asyncio.Protocol):
         if self._ended or self.session is None:
             return
         self._ended = True
-        normal = event.by_peer and event.reason_code is ReasonCode.SUCCESS
+        # No will for a normal DISCONNECT, nor when the gateway itself shuts down (that says nothing about the
+        # device, and would flood upstream with "offline" wills on every restart).
+        normal = (event.by_peer and event.reason_code is ReasonCode.SUCCESS) or (
+            event.reason_code is ReasonCode.SERVER_SHUTTING_DOWN and not event.by_peer)
         self.server.broker.connection_ended(self.session, self, self.engine.session_expiry,
                                             ReasonCode.SUCCESS if normal else event.reason_code)
 

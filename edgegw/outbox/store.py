@@ -9,96 +9,105 @@ where the ingress sends PUBACK. So a device is told "yes" only for a record that
 Deletes after upstream acknowledgement (:meth:`ack`) ride in the same group transactions. A lost delete (crash
 before its commit) only means the record is sent again: at-least-once, never at-most-once.
 
+Bounds (docs/OUTBOX.md): records, bytes, age (``ttl``) and disk headroom. Usage is counted in memory per device
+(records awaiting commit included), so :meth:`submit` decides synchronously: with ``full_policy = "reject-new"`` it
+raises :class:`OutboxFull` (the ingress answers MQTT 5 PUBACK 0x97 or applies backpressure); with ``"drop-oldest"``
+the writer evicts, in the same transaction as the new records, the oldest lowest-priority records of the device
+holding the most. Freed pages go back to the filesystem (``auto_vacuum=INCREMENTAL``) when the writer is idle.
+
 Reads for the uplink go through a second connection, which in WAL mode sees only committed transactions, so nothing
-uncommitted can leave the box.
+uncommitted can leave the box. A row that cannot be decoded is quarantined rather than blocking the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import aiosqlite
 import structlog
 
 from edgegw.config import OutboxSettings
 from edgegw.errors import OutboxError
+from edgegw.outbox._record import (
+    MAX_PRIORITY,
+    PRIORITY_ALARM,
+    PRIORITY_BULK,
+    PRIORITY_TELEMETRY,
+    FullReason,
+    OutboxFull,
+    Record,
+    decode_row,
+    record_size,
+)
+from edgegw.outbox._schema import RECORD_OVERHEAD, SCHEMA_VERSION, Opened, open_database
+from edgegw.outbox._upkeep import _DISK_CHECK_EVERY, _EXPIRE_EVERY, _GONE, _IDS, Upkeep, _statvfs_free
+
+__all__ = ["CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD", "SCHEMA_VERSION",
+           "PRIORITY_BULK", "PRIORITY_TELEMETRY", "PRIORITY_ALARM", "MAX_PRIORITY", "record_size"]
 
 CommitCallback = Callable[[bool], None]
 """Called once with True after the record's transaction committed, or False if the commit failed."""
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused, so the cloud can deduplicate
-    device_id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    received_at REAL NOT NULL,             -- unix seconds at ingress
-    properties BLOB                        -- msgpack of MQTT 5 properties to carry upstream, or NULL
-);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    received_at REAL NOT NULL,
-    properties BLOB,
-    reason TEXT NOT NULL,
-    quarantined_at REAL NOT NULL
-);
-"""
-
-_INSERT = "INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties) VALUES (?,?,?,?,?,?,?)"
-_COLUMNS = "id, device_id, topic, payload, qos, received_at, properties"
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    id: int
-    device_id: str
-    topic: str
-    payload: bytes
-    qos: int
-    received_at: float
-    properties: bytes | None = None
-
-    def row(self) -> tuple[int, str, str, bytes, int, float, bytes | None]:
-        return (self.id, self.device_id, self.topic, self.payload, self.qos, self.received_at, self.properties)
-
-
-class Outbox:
+FAIR_SHARE_FROM = 0.9
+"""Past this fill (records or bytes), a device holding more than its fair share (limit / devices) is refused or
+evicted first, so the last 10 % stays for the quiet devices."""
+ROOM_AGAIN_BELOW = 0.85
+""":meth:`Outbox.when_room` callbacks run once the fill is below this (hysteresis below FAIR_SHARE_FROM)."""
+_INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
+           " VALUES (?,?,?,?,?,?,?,?,?)")
+_COLUMNS = "id, device_id, topic, payload, qos, received_at, properties, priority"
+class Outbox(Upkeep):
     """Open with :meth:`open`; run :meth:`run` as a task; :meth:`close` flushes and closes."""
 
-    def __init__(self, settings: OutboxSettings, writer: aiosqlite.Connection, reader: aiosqlite.Connection,
-                 next_id: int, depth: int) -> None:
+    free_bytes: Callable[[Path], int] = staticmethod(_statvfs_free)  # type: ignore[assignment]
+    """Free bytes on the outbox's filesystem (``os.statvfs``); replaceable to test the disk guard."""
+
+    def __init__(self, settings: OutboxSettings, opened: Opened) -> None:
         self._settings = settings
-        self._writer = writer
-        self._reader = reader
-        self._next_id = next_id
-        self._depth = depth
+        self._writer = opened.writer
+        self._reader = opened.reader
+        self._next_id = opened.next_id
         self._log = structlog.get_logger("edgegw.outbox")
-        self._pending: list[tuple[Record, CommitCallback | None]] = []
+        self._pending: list[tuple[Record, int, CommitCallback | None]] = []
         self._to_delete: set[int] = set()
         self._deleting: set[int] = set()
         self._to_quarantine: list[tuple[int, str]] = []
         self._wake = asyncio.Event()
         self._group_full: asyncio.Future[None] | None = None
         self._committed = asyncio.Condition()
-        self._committed_id = next_id - 1  # every id below this is committed or gone
+        self._committed_id = opened.next_id - 1  # every id below this is committed or gone
         self._stopping = False
         self._decongested: list[Callable[[], None]] = []
+        self._room_waiters: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+        # usage, records awaiting commit included: device -> [records, bytes]
+        self._usage = opened.usage
+        self._count = sum(u[0] for u in self._usage.values())
+        self._bytes = sum(u[1] for u in self._usage.values())
+        self._reject_new = settings.full_policy == "reject-new"
+        self._byte_limit = settings.max_bytes
+        self._disk_limited = False
+        self._disk_checked = 0.0
+        self._expire_due = 0.0
+        self._vacuum_due = True
+        self._full_logged = 0.0
         self.commits = 0
         self.committed_records = 0
+        self.dropped: dict[str, int] = {}
+        """Records evicted by ``drop-oldest``, per device."""
+        self.expired: dict[str, int] = {}
+        """Records deleted unsent because they were older than ``ttl``, per device."""
+        self.rejected: dict[str, int] = {}
+        """Records refused at :meth:`submit` (:class:`OutboxFull`), per device."""
+        self.quarantined = 0
+        """Records moved to the quarantine table by this process (refused upstream or undecodable)."""
+        self.vacuumed_pages = 0
 
     # --- opening ---------------------------------------------------------------------------------------------
 
@@ -106,46 +115,95 @@ class Outbox:
     async def open(cls, settings: OutboxSettings) -> Outbox:
         path = settings.path
         _check_writable(path)
-        try:
-            writer = await aiosqlite.connect(path, isolation_level=None)
-            await writer.execute("PRAGMA journal_mode=WAL")
-            await writer.execute(f"PRAGMA synchronous={settings.synchronous.upper()}")
-            await writer.executescript(_SCHEMA)
-            await writer.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            async with writer.execute("SELECT value FROM meta WHERE key='schema_version'") as cur:
-                version = int((await cur.fetchone())[0])  # type: ignore[index]
-            if version != SCHEMA_VERSION:
-                raise OutboxError(f"outbox {path}: schema version {version}, this edgegw knows {SCHEMA_VERSION}")
-            async with writer.execute(
-                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name='records'), 0),"
-                " coalesce((SELECT max(id) FROM records), 0), coalesce((SELECT max(id) FROM quarantine), 0)),"
-                " (SELECT count(*) FROM records)"
-            ) as cur:
-                high, depth = await cur.fetchone()  # type: ignore[misc]
-            await writer.execute("BEGIN")  # the writer always holds an open transaction between group commits
-            reader = await aiosqlite.connect(path, isolation_level=None)
-            await reader.execute("PRAGMA query_only=1")
-        except sqlite3.DatabaseError as exc:
-            raise OutboxError(f"outbox {path}: cannot open as an SQLite database: {exc}") from exc
-        log = structlog.get_logger("edgegw.outbox")
-        log.info("outbox.opened", path=str(path), depth=depth, next_id=high + 1, synchronous=settings.synchronous)
-        return cls(settings, writer, reader, high + 1, depth)
+        opened = await open_database(path, settings.synchronous)
+        outbox = cls(settings, opened)
+        outbox._refresh_disk_limit(await outbox._freelist_bytes())
+        outbox._log.info("outbox.opened", path=str(path), depth=outbox._count, bytes=outbox._bytes,
+                         next_id=opened.next_id, synchronous=settings.synchronous, devices=len(outbox._usage),
+                         byte_limit=outbox._byte_limit, full_policy=settings.full_policy)
+        return outbox
 
     # --- the hot path (synchronous, no await) ---------------------------------------------------------------
 
     def submit(self, device_id: str, topic: str, payload: bytes, qos: int,
-               on_commit: CommitCallback | None = None, properties: bytes | None = None) -> Record:
+               on_commit: CommitCallback | None = None, properties: bytes | None = None,
+               priority: int = PRIORITY_TELEMETRY) -> Record:
+        """Queue a record for the next group commit. Raises :class:`OutboxFull` if it may not be stored."""
         if self._stopping:
             raise OutboxError("outbox is closing")
-        record = Record(self._next_id, device_id, topic, payload, qos, time.time(), properties)
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ValueError(f"priority must be 0..{MAX_PRIORITY}, got {priority}")
+        size = len(payload) + len(topic) + len(device_id) + (len(properties) if properties else 0) + RECORD_OVERHEAD
+        usage = self._usage.get(device_id)
+        if self._reject_new:
+            if (self._count + 1 > FAIR_SHARE_FROM * self._settings.max_records
+                    or self._bytes + size > FAIR_SHARE_FROM * self._byte_limit):
+                refusal = self._refusal(device_id, usage, size)
+                if refusal is not None:
+                    self._refuse(device_id, *refusal)
+        elif size > self._byte_limit:
+            self._refuse(device_id, "disk" if self._disk_limited else "bytes",
+                         f"a record of {size} bytes exceeds the limit of {self._byte_limit}")
+        record = Record(self._next_id, device_id, topic, payload, qos, time.time(), properties, priority)
         self._next_id += 1
-        self._pending.append((record, on_commit))
+        if usage is None:
+            self._usage[device_id] = [1, size]
+        else:
+            usage[0] += 1
+            usage[1] += size
+        self._count += 1
+        self._bytes += size
+        self._pending.append((record, size, on_commit))
         if len(self._pending) == 1:
             self._wake.set()
         elif len(self._pending) >= self._settings.commit_max_records and self._group_full is not None:
             if not self._group_full.done():
                 self._group_full.set_result(None)
         return record
+
+    def _refusal(self, device_id: str, usage: list[int] | None, size: int) -> tuple[FullReason, str] | None:
+        """reject-new, near the limits: why this record may not be stored, or None if it fits and the device is
+        within its fair share."""
+        max_records, limit = self._settings.max_records, self._byte_limit
+        if self._count + 1 > max_records:
+            return "records", f"{self._count} records held, max_records is {max_records}"
+        if self._bytes + size > limit:
+            return ("disk" if self._disk_limited else "bytes"), f"{self._bytes} + {size} bytes exceeds {limit}"
+        devices = len(self._usage) + (usage is None)
+        held, held_bytes = usage if usage is not None else (0, 0)
+        if held + 1 > max_records / devices and self._count + 1 > FAIR_SHARE_FROM * max_records:
+            return "device_share", f"holds {held} of {self._count} records ({devices} devices)"
+        if held_bytes + size > limit / devices and self._bytes + size > FAIR_SHARE_FROM * limit:
+            return "device_share", f"holds {held_bytes} of {self._bytes} bytes ({devices} devices)"
+        return None
+
+    def _refuse(self, device_id: str, reason: FullReason, detail: str) -> None:
+        self.rejected[device_id] = self.rejected.get(device_id, 0) + 1
+        self._log_full(reason, device_id)
+        raise OutboxFull(device_id, reason, detail)
+
+    def _log_full(self, reason: str, device_id: str) -> None:
+        now = time.monotonic()
+        if now - self._full_logged >= 10.0:  # one line per 10 s while full, never one per message
+            self._full_logged = now
+            self._log.warning("outbox.full", reason=reason, device_id=device_id, policy=self._settings.full_policy,
+                              records=self._count, bytes=self._bytes, byte_limit=self._byte_limit,
+                              dropped=sum(self.dropped.values()), rejected=sum(self.rejected.values()))
+
+    def has_room(self, device_id: str, size: int = RECORD_OVERHEAD) -> bool:
+        """Would :meth:`submit` accept a record of ``size`` bytes from this device now? (No side effects.)"""
+        if not self._reject_new:
+            return size <= self._byte_limit
+        return self._refusal(device_id, self._usage.get(device_id), size) is None
+
+    def when_room(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once (from the writer task) when the fill drops below ROOM_AGAIN_BELOW (soon, from
+        the loop, if it already is)."""
+        if self._count < ROOM_AGAIN_BELOW * self._settings.max_records \
+                and self._bytes < ROOM_AGAIN_BELOW * self._byte_limit:
+            asyncio.get_running_loop().call_soon(callback)
+            return
+        self._room_waiters.append(callback)
 
     @property
     def congested(self) -> bool:
@@ -168,7 +226,21 @@ class Outbox:
     @property
     def depth(self) -> int:
         """Committed records not yet acknowledged upstream, plus those awaiting commit."""
-        return self._depth + len(self._pending)
+        return self._count
+
+    @property
+    def bytes_held(self) -> int:
+        return self._bytes
+
+    @property
+    def byte_limit(self) -> int:
+        """``max_bytes``, or less when the disk headroom guard applies."""
+        return self._byte_limit
+
+    def usage(self, device_id: str) -> tuple[int, int]:
+        """(records, bytes) this device holds in the outbox."""
+        u = self._usage.get(device_id)
+        return (u[0], u[1]) if u else (0, 0)
 
     # --- the group-commit writer ----------------------------------------------------------------------------
 
@@ -177,7 +249,14 @@ class Outbox:
         loop = asyncio.get_running_loop()
         window = self._settings.commit_window_ms / 1000
         while True:
-            await self._wake.wait()
+            if self._settings.ttl > 0 and not self._wake.is_set():
+                timeout = max(0.0, self._expire_due - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
+                except TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
             self._wake.clear()
             if self._pending and window > 0 and not self._stopping and \
                     len(self._pending) < self._settings.commit_max_records:
@@ -191,6 +270,8 @@ class Outbox:
                 async with self._committed:
                     self._committed.notify_all()  # waiters see _stopping and return
                 return
+            elif self._vacuum_due and await self._vacuum_step():
+                self._wake.set()
 
     async def _commit_group(self) -> None:
         group = self._pending[: self._settings.commit_max_records]
@@ -200,61 +281,92 @@ class Outbox:
         self._deleting = deletes
         quarantine = self._to_quarantine
         self._to_quarantine = []
-        if not (group or deletes or quarantine):
+        now = time.monotonic()
+        expire = self._settings.ttl > 0 and now >= self._expire_due
+        if not (group or deletes or quarantine or expire):
             return
+        if expire:
+            self._expire_due = now + _EXPIRE_EVERY
         ok = True
-        deleted = 0
+        expired: dict[str, int] = {}
+        dropped: dict[str, int] = {}
         try:
-            if group:
-                await self._writer.executemany(_INSERT, [r.row() for r, _ in group])
             if quarantine:
                 await self._writer.executemany(
-                    f"INSERT OR REPLACE INTO quarantine SELECT {_COLUMNS}, ?, ? FROM records WHERE id=?",
+                    "INSERT OR REPLACE INTO quarantine SELECT id, coalesce(device_id, ''), coalesce(topic, ''),"
+                    " coalesce(payload, x''), coalesce(qos, 0), coalesce(received_at, 0), properties, ?, ?"
+                    " FROM records WHERE id=?",
                     [(reason, time.time(), rid) for rid, reason in quarantine])
                 deletes = deletes | {rid for rid, _ in quarantine}
             if deletes:
-                async with self._writer.executemany("DELETE FROM records WHERE id=?",
-                                                    [(i,) for i in deletes]) as cur:
-                    deleted = cur.rowcount
+                await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(list(deletes)),))
+            if group:
+                await self._writer.executemany(_INSERT, [
+                    (r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
+                    for r, size, _ in group])
+            if expire:
+                await self._expire(expired)
+            if now - self._disk_checked >= _DISK_CHECK_EVERY:
+                self._refresh_disk_limit(await self._freelist_bytes())
+            if not self._reject_new and (self._count > self._settings.max_records or self._bytes > self._byte_limit):
+                await self._evict(dropped)
             await self._writer.execute("COMMIT")
             await self._writer.execute("BEGIN")
         except sqlite3.Error as exc:
             ok = False
             self._log.error("outbox.commit_failed", path=str(self._settings.path), error=str(exc),
                             records=len(group), deletes=len(deletes))
-            try:
-                await self._writer.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            try:
-                await self._writer.execute("BEGIN")
-            except sqlite3.Error:
-                pass
+            for statement in ("ROLLBACK", "BEGIN"):
+                try:
+                    await self._writer.execute(statement)
+                except sqlite3.Error:
+                    pass
             # Deletes are retried with the next group; records are not: their devices were not acknowledged and
             # will resend.
-            self._to_delete |= deletes
+            self._to_delete |= deletes - {rid for rid, _ in quarantine}
             self._to_quarantine = quarantine + self._to_quarantine
+            await self._recount()
         finally:
             self._deleting = set()
         if ok:
             self.commits += 1
             self.committed_records += len(group)
-            self._depth += len(group) - deleted
+            self.quarantined += len(quarantine)
+            if deletes or expired or dropped:
+                self._vacuum_due = True
+            for counts, into in ((expired, self.expired), (dropped, self.dropped)):
+                for device, n in counts.items():
+                    into[device] = into.get(device, 0) + n
+            if expired:
+                self._log.warning("outbox.expired", records=sum(expired.values()), devices=len(expired),
+                                  ttl=self._settings.ttl)
+            if dropped:
+                self._log_full("evicted", max(dropped, key=dropped.__getitem__))
             if group:
                 self._committed_id = group[-1][0].id
-        for record, callback in group:
+        for record, _, callback in group:
             if callback is not None:
                 try:
                     callback(ok)
                 except Exception:  # one broken connection must not stop the writer
                     self._log.exception("outbox.callback_failed", record_id=record.id)
         if ok and group:
+            for listener in list(self._listeners):
+                listener()
             async with self._committed:
                 self._committed.notify_all()
         if self._decongested and len(self._pending) < self._settings.max_pending // 2:
             callbacks, self._decongested = self._decongested, []
             for cb in callbacks:
                 cb()
+        if self._room_waiters and self._count < ROOM_AGAIN_BELOW * self._settings.max_records \
+                and self._bytes < ROOM_AGAIN_BELOW * self._byte_limit:
+            callbacks, self._room_waiters = self._room_waiters, []
+            for cb in callbacks:
+                try:
+                    cb()
+                except Exception:
+                    self._log.exception("outbox.callback_failed", callback="when_room")
 
     # --- reads for the uplink -------------------------------------------------------------------------------
 
@@ -269,7 +381,51 @@ class Outbox:
         ) as cur:
             rows = await cur.fetchall()
         gone |= self._settled_ids()
-        return [Record(*row) for row in rows if row[0] not in gone][:limit]
+        return self._decode_rows(rows, gone, limit)
+
+    async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int) -> list[Record]:
+        """Like :meth:`fetch_after` within one priority class and ids in (``after_id``, ``upto_id``]."""
+        gone = self._settled_ids()
+        # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
+        # along the primary key.
+        async with self._reader.execute(
+            f"SELECT {_COLUMNS} FROM records"
+            f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
+            f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ? AND id <= ?"
+            " ORDER BY id LIMIT ?", (after_id, upto_id, limit + len(gone))
+        ) as cur:
+            rows = await cur.fetchall()
+        gone |= self._settled_ids()
+        return self._decode_rows(rows, gone, limit)
+
+    def add_commit_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (synchronously, from the writer) after every commit that added records."""
+        self._listeners.append(callback)
+
+    def remove_commit_listener(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    @property
+    def pending_count(self) -> int:
+        """Records submitted and not committed yet."""
+        return len(self._pending)
+
+    def _decode_rows(self, rows: Iterable[Any], gone: set[int], limit: int) -> list[Record]:
+        out: list[Record] = []
+        for row in rows:
+            rid = row[0]
+            if rid in gone:
+                continue
+            try:
+                out.append(decode_row(row))
+            except (ValueError, TypeError, AttributeError) as exc:  # a damaged row: set it aside, keep going
+                self._log.error("outbox.record_undecodable", record_id=rid, error=str(exc))
+                self.quarantine(rid, f"cannot decode record: {exc}")
+                continue
+            if len(out) >= limit:
+                break
+        return out
 
     def _settled_ids(self) -> set[int]:
         """Ids acknowledged or quarantined whose removal is not committed yet."""
@@ -305,7 +461,9 @@ class Outbox:
             pass
         await self._reader.close()
         await self._writer.close()
-        self._log.info("outbox.closed", depth=self._depth, commits=self.commits)
+        self._log.info("outbox.closed", depth=self._count, commits=self.commits,
+                       dropped=sum(self.dropped.values()), expired=sum(self.expired.values()),
+                       rejected=sum(self.rejected.values()), quarantined=self.quarantined)
 
 
 def _check_writable(path: Path) -> None:
@@ -317,5 +475,7 @@ def _check_writable(path: Path) -> None:
             raise OutboxError(f"outbox {path}: cannot create folder {folder}: {exc.strerror}") from exc
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutboxError(f"outbox {path}: folder {folder} is not writable")
+    if path.is_dir():
+        raise OutboxError(f"outbox {path}: is a folder, not a file")
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         raise OutboxError(f"outbox {path}: file is not readable and writable")

@@ -14,6 +14,8 @@ from .ca import (
     issue_server,
     load_ca,
 )
+from .lifecycle import parse_reason, pki_status, revoke_device, sign_csr, write_crl
+from .bundle import batch_issue, uplink_csr
 
 __all__ = [
     "CA",
@@ -26,4 +28,11 @@ __all__ = [
     "issue_devices",
     "issue_server",
     "load_ca",
+    "batch_issue",
+    "parse_reason",
+    "pki_status",
+    "revoke_device",
+    "sign_csr",
+    "uplink_csr",
+    "write_crl",
 ]

@@ -16,6 +16,10 @@ from edgegw.errors import PKIError
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
+ROOT_CERT = "root-ca.crt"
+ROOT_KEY = "root-ca.key"
+CA_CHAIN = "ca-chain.pem"
+CRL_FILE = "crl.pem"
 DEVICES_DIR = "devices"
 SERVER_DIR = "server"
 CLIENTS_DIR = "clients"
@@ -80,6 +84,17 @@ def write_pair(paths: CertPaths, cert_pem: bytes, key_pem: bytes, *, force: bool
         # Don't leave a key without its certificate behind (e.g. a racing issuer won).
         paths.key.unlink(missing_ok=True)
         raise
+
+
+def write_file(path: Path, data: bytes, mode: int = CERT_MODE) -> None:
+    """Replace ``path`` atomically (temp file + rename): a reader sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        _create(tmp, data, mode)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _create_new(path: Path, data: bytes, mode: int) -> None:

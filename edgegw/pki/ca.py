@@ -1,28 +1,41 @@
-"""Fleet CA: create it, load it, and issue device, server and client certificates.
+"""Fleet CA: create it (optionally as root -> issuing intermediate), load it, and issue device, server and client
+certificates.
 
-Every key is EC P-256 (small, fast to generate, and supported by the TLS stacks on
-constrained devices); every signature is ECDSA with SHA-256.
+Keys are EC P-256 by default (small, fast to generate, and supported by the TLS stacks on constrained devices);
+RSA-2048 and Ed25519 on request (``key_type``). Signatures are SHA-256 (none for an Ed25519 CA, which signs the
+message itself). Every certificate issued is recorded in the registry (``DIR/registry.db``), and every device issued
+is registered there.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edgegw.errors import PKIError
+from edgegw.registry.store import REGISTRY_FILE, Registry
+
+from ._fields import _key_usage, _parse_san, _validity
+from ._keys import KEY_TYPES, cert_pem, check_key_type, hash_for, key_pem, new_key, spki
 
 from ._store import (
+    CA_CHAIN,
     CLIENTS_DIR,
+    ROOT_CERT,
+    ROOT_KEY,
     DEVICES_DIR,
     SERVER_DIR,
     CertPaths,
@@ -30,19 +43,9 @@ from ._store import (
     check_name,
     leaf_paths,
     refuse_existing,
+    write_file,
     write_pair,
 )
-
-_CURVE = ec.SECP256R1()
-_HASH = hashes.SHA256()
-# Edge boxes and devices often boot with a clock that is a little behind; a certificate
-# that becomes valid "in 30 seconds" fails the handshake, so validity starts slightly early.
-_BACKDATE = timedelta(minutes=5)
-
-# '_' is not hostname syntax, but OpenSSL and Python match it, and socket.gethostname() on
-# some boxes returns one (`edgegw init` puts the host name into the server certificate).
-_DNS_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"
-_DNS_RE = re.compile(rf"(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,21 @@ class CA:
     """A loaded CA certificate and its private key, ready to sign."""
 
     cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: CertificateIssuerPrivateKeyTypes
+    pki_dir: Path | None = None
+
+    @property
+    def is_intermediate(self) -> bool:
+        return self.cert.issuer != self.cert.subject
+
+    @property
+    def chain_pem(self) -> bytes:
+        """Appended to every leaf certificate file an intermediate issues: what a TLS peer must send along."""
+        return cert_pem(self.cert) if self.is_intermediate else b""
+
+    @property
+    def hash(self) -> hashes.HashAlgorithm | None:
+        return hash_for(self.key)
 
     @property
     def authority_key_id(self) -> x509.AuthorityKeyIdentifier:
@@ -68,34 +85,73 @@ def init_ca(
     common_name: str = "edgegw fleet CA",
     days: int = 3650,
     force: bool = False,
+    intermediate: bool = False,
+    root_days: int | None = None,
+    key_type: str = "ec",
 ) -> CertPaths:
-    """Create a new self-signed fleet CA in ``pki_dir`` (ca.crt, ca.key)."""
+    """Create a new fleet CA in ``pki_dir``: ``ca.crt``/``ca.key`` is the CA that issues certificates.
+
+    With ``intermediate``, ``root-ca.crt``/``root-ca.key`` is a self-signed root (pathlen 1) that signs the issuing
+    CA (pathlen 0); ``ca-chain.pem`` is the issuing CA followed by the root. The root key is needed again only to
+    sign a new intermediate: move it offline.
+    """
     pki_dir = Path(pki_dir)
     paths = ca_paths(pki_dir)
+    root_paths = CertPaths(pki_dir / ROOT_CERT, pki_dir / ROOT_KEY)
     if not force:
         # Replacing the CA silently would orphan every certificate it ever issued.
         refuse_existing(paths)
+        if intermediate:
+            refuse_existing(root_paths)
     if not common_name or len(common_name) > 64:
         raise PKIError(f"invalid CA common name {common_name!r}: use 1-64 characters")
-    not_before, not_after = _validity(days, None, None, issuer_not_after=None)
-    key = ec.generate_private_key(_CURVE)
+    if not intermediate:
+        key = new_key(key_type)
+        cert = _ca_cert(common_name, key, None, None, _validity(days, None, None, issuer_not_after=None), 0)
+        write_pair(paths, cert_pem(cert), key_pem(key), force=force)
+        _record(pki_dir, "ca", common_name, cert)
+        return paths
+    root_key = new_key(key_type)
+    root_validity = _validity(root_days or max(days, 2 * days), None, None, issuer_not_after=None)
+    root_name = f"{common_name} root"[:64]
+    root = _ca_cert(root_name, root_key, None, None, root_validity, 1)
+    key = new_key(key_type)
+    cert = _ca_cert(common_name, key, root, root_key,
+                    _validity(days, None, None, issuer_not_after=root.not_valid_after_utc), 0)
+    write_pair(root_paths, cert_pem(root), key_pem(root_key), force=force)
+    write_pair(paths, cert_pem(cert), key_pem(key), force=force)
+    write_file(pki_dir / CA_CHAIN, cert_pem(cert) + cert_pem(root))
+    _record(pki_dir, "ca", root_name, root)
+    _record(pki_dir, "ca", common_name, cert)
+    return paths
+
+
+def _ca_cert(
+    common_name: str,
+    key: CertificateIssuerPrivateKeyTypes,
+    issuer: x509.Certificate | None,
+    issuer_key: CertificateIssuerPrivateKeyTypes | None,
+    validity: tuple[datetime, datetime],
+    path_length: int,
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(issuer.subject if issuer else name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(validity[0])
+        .not_valid_after(validity[1])
         # path_length=0: this CA signs end-entity certificates only, never another CA.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, _HASH)
     )
-    write_pair(paths, _cert_pem(cert), _key_pem(key), force=force)
-    return paths
+    if issuer is not None and issuer_key is not None:
+        builder = builder.add_extension(CA(issuer, issuer_key).authority_key_id, critical=False)
+    signer = issuer_key or key
+    return builder.sign(signer, hash_for(signer))
 
 
 def load_ca(pki_dir: Path) -> CA:
@@ -116,9 +172,9 @@ def load_ca(pki_dir: Path) -> CA:
         key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
     except (ValueError, TypeError) as exc:
         raise PKIError(f"cannot read CA key {paths.key}: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"CA key {paths.key} is not an EC key")
-    if _spki(key.public_key()) != _spki(cert.public_key()):
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey):
+        raise PKIError(f"CA key {paths.key} is not an EC, RSA or Ed25519 key")
+    if spki(key.public_key()) != spki(cert.public_key()):
         raise PKIError(f"CA key {paths.key} does not belong to {paths.cert}")
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -129,7 +185,7 @@ def load_ca(pki_dir: Path) -> CA:
     if cert.not_valid_after_utc <= datetime.now(UTC):
         expired = f"{cert.not_valid_after_utc:%Y-%m-%d}"
         raise PKIError(f"CA certificate {paths.cert} expired on {expired}")
-    return CA(cert=cert, key=key)
+    return CA(cert=cert, key=key, pki_dir=pki_dir)
 
 
 def issue_device(
@@ -140,10 +196,12 @@ def issue_device(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     force: bool = False,
+    key_type: str = "ec",
 ) -> CertPaths:
     """Issue ``devices/<device_id>.crt/.key``: CN = device id = MQTT client id."""
     (paths,) = issue_devices(
-        pki_dir, [device_id], days=days, not_before=not_before, not_after=not_after, force=force
+        pki_dir, [device_id], days=days, not_before=not_before, not_after=not_after, force=force,
+        key_type=key_type,
     )
     return paths
 
@@ -156,8 +214,13 @@ def issue_devices(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     force: bool = False,
+    key_type: str = "ec",
+    sans: Sequence[str] = (),
+    on_issued: Callable[[str, CertPaths], None] | None = None,
+    registry_fields: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[CertPaths]:
-    """Issue many device certificates with one CA load.
+    """Issue many device certificates with one CA load, and register each device (state active; group, tenant,
+    metadata from ``registry_fields[id]`` if given).
 
     Every id is checked (valid, not repeated, not already issued unless ``force``) before
     anything is written, so a bad id in a batch of thousands leaves the directory untouched.
@@ -169,6 +232,8 @@ def issue_devices(
         if device_id in seen:
             raise PKIError(f"device id {device_id!r} given more than once")
         seen.add(device_id)
+    check_key_type(key_type)
+    general_names = [_parse_san(s) for s in _san_list(sans)]
     targets = [leaf_paths(pki_dir, DEVICES_DIR, d) for d in ids]
     if not force:
         for paths in targets:
@@ -177,11 +242,16 @@ def issue_devices(
     validity = _validity(
         days, not_before, not_after, issuer_not_after=ca.cert.not_valid_after_utc
     )
-    for device_id, paths in zip(ids, targets, strict=True):
-        cert_pem, key_pem = _issue_leaf(
-            ca, device_id, ExtendedKeyUsageOID.CLIENT_AUTH, (), validity
-        )
-        write_pair(paths, cert_pem, key_pem, force=force)
+    with _registry(pki_dir) as registry:
+        for device_id, paths in zip(ids, targets, strict=True):
+            key = new_key(key_type)
+            cert = _issue_leaf(ca, device_id, ExtendedKeyUsageOID.CLIENT_AUTH, general_names, validity,
+                               key.public_key())
+            write_pair(paths, cert_pem(cert) + ca.chain_pem, key_pem(key), force=force)
+            _record_in(registry, "device", device_id, cert)
+            registry.register(device_id, **(registry_fields or {}).get(device_id, {}))
+            if on_issued is not None:
+                on_issued(device_id, paths)
     return targets
 
 
@@ -192,6 +262,7 @@ def issue_server(
     *,
     days: int = 825,
     force: bool = False,
+    key_type: str = "ec",
 ) -> CertPaths:
     """Issue ``server/<name>.crt/.key`` for the gateway's TLS listener.
 
@@ -206,15 +277,16 @@ def issue_server(
         # Clients match the host name against the SANs only (RFC 6125); the CN is ignored.
         raise PKIError(f"server certificate {name!r} needs at least one SAN (--san HOST)")
     return _issue_one(
-        pki_dir, SERVER_DIR, name, ExtendedKeyUsageOID.SERVER_AUTH, general_names, days, force
+        pki_dir, SERVER_DIR, name, ExtendedKeyUsageOID.SERVER_AUTH, general_names, days, force, key_type
     )
 
 
-def issue_client(pki_dir: Path, name: str, *, days: int = 825, force: bool = False) -> CertPaths:
+def issue_client(pki_dir: Path, name: str, *, days: int = 825, force: bool = False,
+                 key_type: str = "ec") -> CertPaths:
     """Issue ``clients/<name>.crt/.key``: the gateway's identity towards the cloud broker."""
     pki_dir = Path(pki_dir)
     check_name("client name", name)
-    return _issue_one(pki_dir, CLIENTS_DIR, name, ExtendedKeyUsageOID.CLIENT_AUTH, (), days, force)
+    return _issue_one(pki_dir, CLIENTS_DIR, name, ExtendedKeyUsageOID.CLIENT_AUTH, (), days, force, key_type)
 
 
 def _issue_one(
@@ -225,14 +297,18 @@ def _issue_one(
     sans: Sequence[x509.GeneralName],
     days: int,
     force: bool,
+    key_type: str,
 ) -> CertPaths:
+    check_key_type(key_type)
     paths = leaf_paths(pki_dir, subdir, name)
     if not force:
         refuse_existing(paths)
     ca = load_ca(pki_dir)
     validity = _validity(days, None, None, issuer_not_after=ca.cert.not_valid_after_utc)
-    cert_pem, key_pem = _issue_leaf(ca, name, eku, sans, validity)
-    write_pair(paths, cert_pem, key_pem, force=force)
+    key = new_key(key_type)
+    cert = _issue_leaf(ca, name, eku, sans, validity, key.public_key())
+    write_pair(paths, cert_pem(cert) + ca.chain_pem, key_pem(key), force=force)
+    _record(pki_dir, {SERVER_DIR: "server", CLIENTS_DIR: "client"}.get(subdir, subdir), name, cert)
     return paths
 
 
@@ -242,99 +318,48 @@ def _issue_leaf(
     eku: x509.ObjectIdentifier,
     sans: Sequence[x509.GeneralName],
     validity: tuple[datetime, datetime],
-) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(_CURVE)
+    public_key: CertificatePublicKeyTypes,
+) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)  # type: ignore[arg-type]
         .serial_number(x509.random_serial_number())
         .not_valid_before(validity[0])
         .not_valid_after(validity[1])
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        # ECDHE key exchange only needs the key to sign the handshake.
-        .add_extension(_key_usage(cert_sign=False), critical=True)
+        # ECDHE key exchange only needs the key to sign the handshake; RSA keys may also be used for RSA key
+        # transport by old TLS 1.2 peers.
+        .add_extension(
+            _key_usage(cert_sign=False, encipher=isinstance(public_key, rsa.RSAPublicKey)), critical=True
+        )
         .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)  # type: ignore[arg-type]
         .add_extension(ca.authority_key_id, critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
-    return _cert_pem(builder.sign(ca.key, _HASH)), _key_pem(key)
+    return builder.sign(ca.key, ca.hash)
 
 
-def _validity(
-    days: int,
-    not_before: datetime | None,
-    not_after: datetime | None,
-    *,
-    issuer_not_after: datetime | None,
-) -> tuple[datetime, datetime]:
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise PKIError(f"invalid validity {days!r} days: must be a whole number >= 1")
-    for label, value in (("not_before", not_before), ("not_after", not_after)):
-        # cryptography reads a naive datetime as UTC; a local time would shift validity.
-        if value is not None and value.utcoffset() is None:
-            raise PKIError(f"{label} must be timezone-aware, got {value!r}")
-    now = datetime.now(UTC)
-    start = not_before if not_before is not None else now - _BACKDATE
-    if not_after is not None:
-        end = not_after
-    else:
-        end = (not_before if not_before is not None else now) + timedelta(days=days)
-    if issuer_not_after is not None and end > issuer_not_after:
-        # A certificate is useless once its issuer has expired; say so in the certificate.
-        end = issuer_not_after
-    if start >= end:
-        raise PKIError(f"empty validity period: not_before {start} is not before not_after {end}")
-    return start, end
+def _san_list(sans: Sequence[str]) -> list[str]:
+    if isinstance(sans, str):
+        raise PKIError(f"sans must be a list of host names, not the string {sans!r}")
+    return list(dict.fromkeys(sans))
 
 
-def _parse_san(san: str) -> x509.GeneralName:
-    if not isinstance(san, str):  # ip_address(5) would happily return 0.0.0.5
-        raise PKIError(f"invalid SAN {san!r}: not a string")
-    try:
-        return x509.IPAddress(ipaddress.ip_address(san))
-    except ValueError:
-        pass
-    # Reject an all-digit last label so a mistyped IP ("10.0.0.300") is not taken as a name.
-    if (
-        len(san) > 253
-        or _DNS_RE.fullmatch(san) is None
-        or san.rsplit(".", 1)[-1].isdigit()
-    ):
-        raise PKIError(f"invalid SAN {san!r}: not an IP address or DNS name")
-    return x509.DNSName(san.lower())
+def _registry(pki_dir: Path) -> AbstractContextManager[Registry]:
+    return Registry.open(pki_dir / REGISTRY_FILE)
 
 
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=cert_sign,
-        crl_sign=cert_sign,
-        encipher_only=False,
-        decipher_only=False,
-    )
+def _record(pki_dir: Path, kind: str, name: str, cert: x509.Certificate) -> None:
+    with _registry(pki_dir) as registry:
+        _record_in(registry, kind, name, cert)
 
 
-def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
-    return public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _record_in(registry: Registry, kind: str, name: str, cert: x509.Certificate) -> None:
+    registry.record_certificate(kind, name, cert.serial_number, cert.not_valid_before_utc,
+                                cert.not_valid_after_utc, cert_pem(cert).decode())
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )

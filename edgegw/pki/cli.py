@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgegw.errors import PKIError
+from edgegw.errors import EdgegwError
 
 from ._store import CertPaths
-from .ca import init_ca, issue_client, issue_devices, issue_server
+from .ca import KEY_TYPES, init_ca, issue_client, issue_devices, issue_server
 
 def add_pki_parser(subparsers: Any) -> None:
     """Register ``pki init`` and ``pki issue {device,server,client}`` on ``subparsers``."""
@@ -42,6 +42,11 @@ def add_pki_parser(subparsers: Any) -> None:
     init.add_argument("pki_dir", metavar="DIR", type=Path)
     init.add_argument("--days", dest="pki_days", type=_days, default=3650, metavar="N",
                       help="validity in days (default: %(default)s)")
+    init.add_argument("--intermediate", dest="pki_intermediate", action="store_true",
+                      help="a root CA (DIR/root-ca.crt, key to keep offline) signing the issuing CA DIR/ca.crt")
+    init.add_argument("--root-days", dest="pki_root_days", type=_days, default=None, metavar="N",
+                      help="root validity with --intermediate (default: twice --days)")
+    _add_key_type(init)
     init.set_defaults(func=_cmd_init)
 
     issue = commands.add_parser("issue", help="issue certificates signed by the CA in DIR")
@@ -52,7 +57,10 @@ def add_pki_parser(subparsers: Any) -> None:
         "device", parents=[common], help="device certificates: DIR/devices/ID.crt (CN = ID)"
     )
     device.add_argument("pki_names", metavar="ID", nargs="+")
+    device.add_argument("--san", dest="pki_sans", action="append", default=[], metavar="NAME",
+                        help="DNS name or IP address for every device certificate of this call")
     _add_leaf_days(device)
+    _add_key_type(device)
     device.set_defaults(func=_cmd_device)
 
     server = kinds.add_parser(
@@ -62,6 +70,7 @@ def add_pki_parser(subparsers: Any) -> None:
     server.add_argument("--san", dest="pki_sans", action="append", required=True,
                         metavar="HOST", help="DNS name or IP address (repeat for more)")
     _add_leaf_days(server)
+    _add_key_type(server)
     server.set_defaults(func=_cmd_server)
 
     client = kinds.add_parser(
@@ -69,7 +78,17 @@ def add_pki_parser(subparsers: Any) -> None:
     )
     client.add_argument("pki_name", metavar="NAME")
     _add_leaf_days(client)
+    _add_key_type(client)
     client.set_defaults(func=_cmd_client)
+
+    from .cli_lifecycle import add_lifecycle_parsers
+
+    add_lifecycle_parsers(commands, common)
+
+
+def _add_key_type(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key-type", dest="pki_key_type", choices=KEY_TYPES, default="ec",
+                        help="ec (P-256, default), rsa (2048) or ed25519")
 
 
 def _add_leaf_days(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +108,14 @@ def _days(text: str) -> int:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     def run() -> list[dict[str, str]]:
-        return [_record(init_ca(args.pki_dir, days=args.pki_days, force=args.pki_force))]
+        paths = init_ca(args.pki_dir, days=args.pki_days, force=args.pki_force,
+                        intermediate=args.pki_intermediate, root_days=args.pki_root_days,
+                        key_type=args.pki_key_type)
+        if not args.pki_intermediate:
+            return [_record(paths)]
+        d = args.pki_dir
+        return [{**_record(paths), "root_cert": str(d / "root-ca.crt"), "root_key": str(d / "root-ca.key"),
+                 "chain": str(d / "ca-chain.pem")}]
 
     return _run(args, run)
 
@@ -97,7 +123,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _cmd_device(args: argparse.Namespace) -> int:
     def run() -> list[dict[str, str]]:
         written = issue_devices(
-            args.pki_dir, args.pki_names, days=args.pki_days, force=args.pki_force
+            args.pki_dir, args.pki_names, days=args.pki_days, force=args.pki_force,
+            key_type=args.pki_key_type, sans=args.pki_sans,
         )
         return [_record(p, id=i) for i, p in zip(args.pki_names, written, strict=True)]
 
@@ -108,7 +135,8 @@ def _cmd_device(args: argparse.Namespace) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     def run() -> list[dict[str, str]]:
         paths = issue_server(
-            args.pki_dir, args.pki_name, args.pki_sans, days=args.pki_days, force=args.pki_force
+            args.pki_dir, args.pki_name, args.pki_sans, days=args.pki_days, force=args.pki_force,
+            key_type=args.pki_key_type,
         )
         return [_record(paths, name=args.pki_name)]
 
@@ -118,7 +146,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _cmd_client(args: argparse.Namespace) -> int:
     def run() -> list[dict[str, str]]:
         paths = issue_client(args.pki_dir, args.pki_name, days=args.pki_days,
-                             force=args.pki_force)
+                             force=args.pki_force, key_type=args.pki_key_type)
         return [_record(paths, name=args.pki_name)]
 
     return _run(args, run)
@@ -126,6 +154,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
 
 def _record(paths: CertPaths, **ident: str) -> dict[str, str]:
     return {**ident, "cert": str(paths.cert), "key": str(paths.key)}
+
+
+_FIELDS = ("cert", "key", "root_cert", "root_key", "chain")
 
 
 def _run(
@@ -136,7 +167,7 @@ def _run(
 ) -> int:
     try:
         records = action()
-    except (PKIError, OSError) as exc:
+    except (EdgegwError, OSError) as exc:
         print(f"edgegw: error: {exc}", file=sys.stderr)
         return 2
     if args.pki_json:
@@ -145,6 +176,6 @@ def _run(
     else:
         # One write for the whole batch: thousands of print() calls are noticeably slower.
         sys.stdout.write(
-            "".join(f"wrote {r[field]}\n" for r in records for field in ("cert", "key"))
+            "".join(f"wrote {r[field]}\n" for r in records for field in _FIELDS if field in r)
         )
     return 0

@@ -1,4 +1,4 @@
-"""Topic ACL: which topics a device may publish to. Patterns are compiled once, at load; checks are pure."""
+"""Topic ACL: which topics a device may publish to and subscribe within. Compiled once, at load; checks are pure."""
 
 from __future__ import annotations
 
@@ -19,26 +19,71 @@ def topic_matches(topic_filter: tuple[str, ...], topic: tuple[str, ...]) -> bool
     return len(topic_filter) == len(topic)
 
 
+def filter_within(topic_filter: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Is every topic ``topic_filter`` can match also matched by ``pattern``? (Both pre-split.)"""
+    for i, part in enumerate(pattern):
+        if part == "#":
+            return True
+        if i >= len(topic_filter):
+            return False
+        level = topic_filter[i]
+        if level == "#":
+            return False  # the filter reaches deeper than this pattern allows
+        if part != "+" and (level == "+" or level != part):
+            return False
+    return len(topic_filter) == len(pattern)
+
+
+def _safe_id(device_id: str) -> bool:
+    # The device id is substituted as one whole level; an id that is itself a wildcard or spans levels would
+    # widen the filter (a CN of "+" could publish as every device), so such an id matches nothing.
+    return bool(device_id) and "/" not in device_id and "+" not in device_id and "#" not in device_id
+
+
 @dataclass(frozen=True, slots=True)
 class ACL:
     publish_patterns: tuple[tuple[str, ...], ...]
     """Each pattern pre-split into levels; ``{device_id}`` stays a placeholder level."""
+    subscribe_patterns: tuple[tuple[str, ...], ...] = (("devices", "{device_id}", "#"),)
+    open: bool = False
+    """Allow everything but $-topics (the lab listener only)."""
 
     @classmethod
     def from_settings(cls, settings: ACLSettings) -> ACL:
-        return cls(tuple(tuple(p.split("/")) for p in settings.publish))
+        return cls(tuple(tuple(p.split("/")) for p in settings.publish),
+                   tuple(tuple(p.split("/")) for p in settings.subscribe))
+
+    @classmethod
+    def allow_all(cls) -> ACL:
+        return cls((), (), open=True)
 
     def may_publish(self, device_id: str, topic: str) -> bool:
-        parts = tuple(topic.split("/"))
         # $-topics are the broker's (MQTT-4.7.2-1); a device never publishes into them.
         if topic.startswith("$"):
             return False
-        # The device id is substituted as one whole level; an id that is itself a wildcard or spans levels would
-        # widen the filter (a CN of "+" could publish as every device), so such an id matches nothing.
-        if not device_id or "/" in device_id or "+" in device_id or "#" in device_id:
+        if self.open:
+            return True
+        if not _safe_id(device_id):
             return False
+        parts = tuple(topic.split("/"))
         for pattern in self.publish_patterns:
             allowed = tuple(device_id if p == "{device_id}" else p for p in pattern)
             if topic_matches(allowed, parts):
+                return True
+        return False
+
+    def may_subscribe(self, device_id: str, topic_filter: str) -> bool:
+        """``topic_filter`` without any ``$share/{group}/`` prefix. Every topic it can match must be allowed,
+        so deliveries need no further check."""
+        if topic_filter.startswith("$"):
+            return False  # no $SYS or other broker topics here
+        if self.open:
+            return True
+        if not _safe_id(device_id):
+            return False
+        parts = tuple(topic_filter.split("/"))
+        for pattern in self.subscribe_patterns:
+            allowed = tuple(device_id if p == "{device_id}" else p for p in pattern)
+            if filter_within(parts, allowed):
                 return True
         return False

@@ -1,0 +1,421 @@
+"""The admin server: health, Prometheus metrics, a JSON API, its OpenAPI document and the status page.
+
+Routes are declared once in :meth:`AdminServer._routes`; the OpenAPI document is generated from that table, so a
+route cannot be served without being documented. Everything is read from the live :class:`~edgegw.daemon.Gateway`
+at request time (the MQTT engine, outbox and uplink change under us: reads are defensive, see
+:mod:`edgegw.ops.metrics`).
+
+The server runs on the gateway's event loop. If its port cannot be bound the gateway still runs (the data path
+matters more than the dashboard) and ``admin.bind_failed`` is logged as an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import os
+import ssl
+import time
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from edgegw.admin.http import HTTPServer, Request, Response, Route, Router
+from edgegw.ops.logsink import RECENT_REFUSALS
+from edgegw.ops.metrics import (
+    GatewayCollector,
+    OutboxReader,
+    Sampler,
+    _num,
+    certificate_expiry,
+    protocol_version,
+)
+
+if TYPE_CHECKING:
+    from edgegw.daemon import Gateway
+
+log = structlog.get_logger("edgegw.admin")
+
+API_VERSION = "1"
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain", "ip6-localhost"})
+
+_OBJ = {"type": "object"}
+
+
+def _schema_list(item: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": item}
+
+
+DEVICE_SCHEMA = {"type": "object", "required": ["device_id", "protocol", "version"], "properties": {
+    "device_id": {"type": "string"}, "session_key": {"type": "string"}, "peer": {"type": "string"},
+    "protocol": {"type": "string", "enum": ["mqtt"]}, "version": {"type": "string"},
+    "lab": {"type": "boolean"}, "connected_seconds": {"type": "number"},
+    "inflight": {"type": "integer", "description": "QoS 1/2 publishes awaiting their outbox commit"},
+    "keepalive": {"type": "integer"}}}
+OUTBOX_SCHEMA = {"type": "object", "properties": {
+    "depth": {"type": "integer"}, "bytes": {"type": "integer"}, "byte_limit": {"type": "integer"},
+    "pending": {"type": "integer"}, "oldest_age_seconds": {"type": ["number", "null"]},
+    "commits": {"type": "integer"}, "committed_records": {"type": "integer"},
+    "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "expired": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "rejected": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "quarantined": {"type": ["integer", "null"]}, "path": {"type": "string"}}}
+UPLINK_SCHEMA = {"type": "object", "properties": {
+    "state": {"type": "string", "enum": ["connecting", "connected", "down"]},
+    "endpoint": {"type": ["string", "null"]}, "rtt_seconds": {"type": ["number", "null"]},
+    "inflight": {"type": "integer"}, "sent": {"type": "integer"}, "acked": {"type": "integer"},
+    "refused": {"type": "integer"}, "backlog": {"type": "integer"},
+    "drain_eta_seconds": {"type": ["number", "null"]}}}
+REFUSAL_SCHEMA = {"type": "object", "properties": {
+    "time": {"type": "number"}, "event": {"type": "string"}, "device_id": {"type": "string"},
+    "peer": {"type": "string"}, "reason": {"type": "string"}}}
+ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
+                "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
+
+
+class AdminServer:
+    def __init__(self, gateway: Gateway, *, writer_task: asyncio.Task[Any] | None = None) -> None:
+        self.gateway = gateway
+        self.settings = gateway.config.admin
+        self.writer_task = writer_task
+        self.started_at = time.time()
+        self.sampler = Sampler(gateway)
+        self.reader = OutboxReader(gateway.config.outbox.path)
+        config = gateway.config
+        self._cert_paths = {"server": config.tls.cert, "fleet_ca": config.tls.ca, "uplink_client": config.uplink.cert}
+        self._certs_read = time.monotonic()
+        self.collector = GatewayCollector(gateway, self.sampler, self.reader, certificate_expiry(self._cert_paths))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.router = Router()
+        for route in self._routes():
+            self.router.add(route)
+        self.http = HTTPServer(self.router, allowed_hosts=_allowed_hosts(self.settings.bind))
+        self._sampler_task: asyncio.Task[None] | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    @classmethod
+    async def start_for(cls, gateway: Gateway, **kwargs: Any) -> AdminServer | None:
+        """Start it if ``admin.enabled``; None when disabled. A port that cannot be bound is logged, not fatal."""
+        if not gateway.config.admin.enabled:
+            return None
+        admin = cls(gateway, **kwargs)
+        admin._sampler_task = asyncio.create_task(admin.sampler.run(), name="ops-sampler")
+        admin.sampler.sample()
+        settings = admin.settings
+        context = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            try:
+                context = admin_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                # Never fall back to plain HTTP: without its TLS material the admin server stays off.
+                log.error("admin.tls_failed", error=str(exc), cert=str(settings.tls_cert))
+                return admin
+        try:
+            await admin.http.start(settings.bind, settings.port, context)
+        except OSError as exc:
+            log.error("admin.bind_failed", bind=settings.bind, port=settings.port, error=str(exc))
+            return admin
+        scheme = "https" if context is not None else "http"
+        log.info("admin.listening", bind=settings.bind, port=admin.http.port, tls=context is not None,
+                 client_certificates=settings.tls_client_ca is not None,
+                 url=f"{scheme}://{_url_host(settings.bind)}:{admin.http.port}/")
+        return admin
+
+    @property
+    def port(self) -> int:
+        return self.http.port
+
+    async def close(self) -> None:
+        if self._sampler_task is not None:
+            self._sampler_task.cancel()
+        await self.http.close()
+
+    # --- the route table (the OpenAPI document is generated from it) --------------------------------------
+
+    def _routes(self) -> list[Route]:
+        return [
+            Route("GET", "/", self.status_page, "Status page (HTML): devices, rates, outbox chart, uplink, refusals",
+                  {200: "HTML page"}, tag="ui", content_type="text/html"),
+            Route("GET", "/healthz", self.healthz, "Liveness: the event loop answers",
+                  {200: "alive"}, tag="health", response_schema=_OBJ),
+            Route("GET", "/readyz", self.readyz, "Readiness: device listener up and outbox writable. The uplink "
+                  "is reported but never makes the gateway unready (the outbox buffers while it is down).",
+                  {200: "ready", 503: "not ready (see checks)"}, tag="health", response_schema={
+                      "type": "object", "required": ["ready", "checks"], "properties": {
+                          "ready": {"type": "boolean"}, "checks": {"type": "object"}, "uplink": UPLINK_SCHEMA}}),
+            Route("GET", "/metrics", self.metrics, "Prometheus metrics (text exposition format 0.0.4)",
+                  {200: "metrics"}, tag="metrics", content_type="text/plain"),
+            Route("GET", "/api/stats", self.stats, "Everything the status page shows, in one document",
+                  {200: "stats"}, tag="api", response_schema={"type": "object", "properties": {
+                      "devices": _schema_list(DEVICE_SCHEMA), "outbox": OUTBOX_SCHEMA, "uplink": UPLINK_SCHEMA,
+                      "rates": _OBJ, "history": _schema_list(_OBJ), "refusals": _schema_list(REFUSAL_SCHEMA),
+                      "mqtt": _OBJ, "event_loop_lag_seconds": {"type": "number"}}}),
+            Route("GET", "/api/devices", self.devices, "Connected device sessions", {200: "devices"}, tag="api",
+                  response_schema={"type": "object", "properties": {"devices": _schema_list(DEVICE_SCHEMA),
+                                                                    "count": {"type": "integer"}}}),
+            Route("POST", "/api/devices/{device_id}/disconnect", self.disconnect,
+                  "Close a device's live session (MQTT 5: DISCONNECT 0x98 Administrative action). The device may "
+                  "reconnect; revoke or suspend it in the registry to keep it out.",
+                  {200: "disconnected", 404: "not connected"}, tag="api",
+                  response_schema={"type": "object", "properties": {"device_id": {"type": "string"},
+                                                                    "disconnected": {"type": "boolean"}}}),
+            Route("GET", "/api/outbox", self.outbox, "Outbox statistics", {200: "outbox"}, tag="api",
+                  response_schema=OUTBOX_SCHEMA),
+            Route("GET", "/api/quarantine", self.quarantine, "Records the upstream refused or that could not be "
+                  "decoded, newest first (payload sizes only, never payload bytes)",
+                  {200: "quarantined records", 503: "outbox database not readable"}, tag="api",
+                  response_schema={"type": "object", "properties": {"count": {"type": "integer"},
+                                                                    "records": _schema_list(_OBJ)}},
+                  query=(("limit", "integer", "at most this many records (1-1000, default 100)"),)),
+            Route("POST", "/api/reload", self.reload,
+                  "Reload the device-facing TLS material, CRL and registry (as SIGHUP does)",
+                  {200: "reloaded", 500: "refused (bad material): the running configuration stays",
+                   501: "this build has no reload hook"}, tag="api", response_schema=_OBJ),
+            Route("GET", "/asyncapi.json", self.asyncapi, "AsyncAPI 3 document of the device-facing MQTT API, "
+                  "from the running config", {200: "AsyncAPI document"}, tag="docs", response_schema=_OBJ),
+            Route("GET", "/docs", self.asyncapi_html, "The device-facing API as a page (developer portal)",
+                  {200: "HTML page"}, tag="docs", content_type="text/html"),
+            Route("GET", "/openapi.json", self.openapi, "This document (OpenAPI 3.1)", {200: "OpenAPI document"},
+                  tag="docs", response_schema=_OBJ),
+        ]
+
+    # --- health ----------------------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return Response.json({"status": "alive", "uptime_seconds": round(time.time() - self.started_at, 3)})
+
+    def _readiness(self) -> tuple[bool, dict[str, Any]]:
+        gw = self.gateway
+        server = gw.server
+        listener = getattr(server, "_server", None)
+        listening = bool(listener is not None and listener.is_serving())
+        outbox = gw.outbox
+        folder = gw.config.outbox.path.parent
+        writer_alive = self.writer_task is None or not self.writer_task.done()
+        stopping = bool(getattr(outbox, "_stopping", False))
+        writable = (outbox is not None and writer_alive and not stopping
+                    and os.access(folder, os.W_OK | os.X_OK))
+        checks = {
+            "mqtt_listener": {"ok": listening, "port": _safe_port(server)},
+            "outbox_writable": {"ok": writable, "writer_running": writer_alive, "stopping": stopping,
+                                "path": str(gw.config.outbox.path)},
+        }
+        return listening and writable, checks
+
+    async def readyz(self, request: Request) -> Response:
+        ready, checks = self._readiness()
+        return Response.json({"ready": ready, "checks": checks, "uplink": self._uplink()}, 200 if ready else 503)
+
+    # --- metrics ---------------------------------------------------------------------------------------------
+
+    async def metrics(self, request: Request) -> Response:
+        await self.reader.refresh(max_age=1.0)
+        if time.monotonic() - self._certs_read > 60.0:  # certificates are renewed and reloaded while we run
+            self._certs_read = time.monotonic()
+            self.collector.cert_expiry = await asyncio.to_thread(certificate_expiry, self._cert_paths)
+        return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+
+    # --- API -------------------------------------------------------------------------------------------------
+
+    def _devices(self) -> list[dict[str, Any]]:
+        server = self.gateway.server
+        loop_now = asyncio.get_running_loop().time()
+        out = []
+        for key, proto in sorted((getattr(server, "devices", None) or {}).items()):
+            accepted = getattr(proto, "_accepted_at", None)
+            engine = getattr(proto, "engine", None)
+            out.append({
+                "device_id": str(getattr(proto, "device_id", None) or key), "session_key": str(key),
+                "peer": str(getattr(proto, "peer", "")), "protocol": "mqtt", "version": protocol_version(proto),
+                "lab": bool(getattr(proto, "lab", False)),
+                "connected_seconds": round(loop_now - accepted, 3) if isinstance(accepted, float) else None,
+                "inflight": int(_num(engine, "inflight") or 0), "keepalive": int(_num(engine, "keepalive") or 0),
+            })
+        return out
+
+    async def devices(self, request: Request) -> Response:
+        devices = self._devices()
+        return Response.json({"count": len(devices), "devices": devices})
+
+    async def disconnect(self, request: Request) -> Response:
+        from edgegw.mqtt.packets import ReasonCode
+
+        device_id = request.params["device_id"]
+        server = self.gateway.server
+        done = bool(server is not None and server.disconnect_device(
+            device_id, ReasonCode.ADMINISTRATIVE_ACTION, "disconnected by the admin API"))
+        if not done:
+            return Response.error(404, f"device {device_id!r} is not connected")
+        log.info("admin.device_disconnected", device_id=device_id)
+        return Response.json({"device_id": device_id, "disconnected": True})
+
+    async def _outbox(self) -> dict[str, Any]:
+        outbox = self.gateway.outbox
+        facts = await self.reader.refresh(max_age=0.5)
+        oldest = facts.oldest_received_at
+        return {
+            "path": str(self.gateway.config.outbox.path),
+            "depth": int(_num(outbox, "depth") or 0), "bytes": int(_num(outbox, "bytes_held") or 0),
+            "byte_limit": int(_num(outbox, "byte_limit") or 0), "pending": int(_num(outbox, "pending_count") or 0),
+            "oldest_age_seconds": round(max(0.0, time.time() - oldest), 3) if oldest is not None else None,
+            "commits": int(_num(outbox, "commits") or 0),
+            "committed_records": int(_num(outbox, "committed_records") or 0),
+            "dropped": dict(getattr(outbox, "dropped", {}) or {}),
+            "expired": dict(getattr(outbox, "expired", {}) or {}),
+            "rejected": dict(getattr(outbox, "rejected", {}) or {}), "quarantined": facts.quarantine_count,
+        }
+
+    async def outbox(self, request: Request) -> Response:
+        return Response.json(await self._outbox())
+
+    async def quarantine(self, request: Request) -> Response:
+        limit = int(request.query.get("limit", ["100"])[0])
+        if not 1 <= limit <= 1000:
+            raise ValueError("limit must be 1-1000")
+        try:
+            records = await self.reader.quarantine(limit)
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error, OSError, timeout: say so
+            return Response.error(503, f"cannot read the quarantine: {exc}")
+        facts = await self.reader.refresh(max_age=0.0)
+        return Response.json({"count": facts.quarantine_count, "records": records})
+
+    async def reload(self, request: Request) -> Response:
+        hook = getattr(self.gateway, "reload", None)
+        if not callable(hook):
+            return Response.error(501, "this gateway has no reload hook: restart it to apply a new config")
+        try:
+            accepts_trigger = "trigger" in inspect.signature(hook).parameters
+        except (TypeError, ValueError):
+            accepts_trigger = False
+        result = hook(trigger="admin-api") if accepts_trigger else hook()
+        if inspect.isawaitable(result):
+            result = await result
+        if result is False:
+            return Response.error(500, "reload refused: the running configuration stays (see the log for why)")
+        log.info("admin.reloaded")
+        return Response.json({"reloaded": True})
+
+    def _uplink(self) -> dict[str, Any]:
+        uplink = self.gateway.uplink
+        return {
+            "state": getattr(uplink, "state", "down"), "endpoint": getattr(uplink, "endpoint", None),
+            "rtt_seconds": _num(uplink, "last_rtt", None), "inflight": int(_num(uplink, "inflight") or 0),
+            "sent": int(_num(uplink, "sent") or 0), "acked": int(_num(uplink, "acked") or 0),
+            "refused": int(_num(uplink, "refused") or 0), "backlog": int(_num(uplink, "backlog") or 0),
+            "drain_eta_seconds": _num(uplink, "backfill_eta", None),
+        }
+
+    async def stats(self, request: Request) -> Response:
+        server = self.gateway.server
+        stats = getattr(server, "stats", None)
+        mqtt = {}
+        for name in ("accepted", "connected", "publish_received", "publish_acked", "publish_denied",
+                     "publish_rejected", "connect_refused", "handshake_failed", "refused_capacity",
+                     "protocol_errors", "takeovers", "downlink_delivered"):
+            mqtt[name] = int(_num(stats, name) or 0)
+        history = [{"t": round(s.t, 3), "depth": s.depth, "received": s.received, "acked": s.acked}
+                   for s in list(self.sampler.history)[-300:]]
+        ready, checks = self._readiness()
+        return Response.json({
+            "gateway_id": self.gateway.config.gateway.id, "time": time.time(),
+            "uptime_seconds": round(time.time() - self.started_at, 3), "ready": ready, "checks": checks,
+            "devices": self._devices(), "mqtt": mqtt, "outbox": await self._outbox(), "uplink": self._uplink(),
+            "rates": {k: round(v, 3) for k, v in self.sampler.rates().items()}, "history": history,
+            "refusals": RECENT_REFUSALS.snapshot(50), "refusal_counts": dict(RECENT_REFUSALS.counts),
+            "event_loop_lag_seconds": round(self.sampler.lag, 6),
+        })
+
+    async def status_page(self, request: Request) -> Response:
+        html = resources.files("edgegw.admin").joinpath("status.html").read_bytes()
+        return Response(200, html, "text/html; charset=utf-8", headers={
+            "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                                       "style-src 'self' 'unsafe-inline'; img-src 'self' data:"})
+
+    def _asyncapi(self, request: Request) -> dict[str, Any]:
+        from edgegw.ops.asyncapi import asyncapi_document
+
+        host = request.headers.get("host", "").rsplit(":", 1)[0].strip("[]") or None
+        return asyncapi_document(self.gateway.config, host=host)
+
+    async def asyncapi(self, request: Request) -> Response:
+        return Response.json(self._asyncapi(request))
+
+    async def asyncapi_html(self, request: Request) -> Response:
+        from edgegw.ops.asyncapi import render_html
+
+        return Response(200, render_html(self._asyncapi(request)).encode(), "text/html; charset=utf-8")
+
+    async def openapi(self, request: Request) -> Response:
+        return Response.json(openapi_document(self.router.routes))
+
+
+def openapi_document(routes: list[Route]) -> dict[str, Any]:
+    """OpenAPI 3.1 for the admin server, generated from the route table."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        op: dict[str, Any] = {
+            "summary": route.summary, "tags": [route.tag],
+            "operationId": route.handler.__name__ if hasattr(route.handler, "__name__") else route.pattern,
+            "responses": {},
+        }
+        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for name in route.regex.groupindex]
+        params += [{"name": name, "in": "query", "required": False, "schema": {"type": typ},
+                    "description": desc} for name, typ, desc in route.query]
+        if params:
+            op["parameters"] = params
+        for status, description in route.responses.items():
+            response: dict[str, Any] = {"description": description}
+            if status < 400:
+                schema = route.response_schema if route.content_type == "application/json" else {"type": "string"}
+                response["content"] = {route.content_type: {"schema": schema or {}}}
+            else:
+                response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+            op["responses"][str(status)] = response
+        paths.setdefault(route.pattern, {})[route.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgegw admin API", "version": API_VERSION,
+                 "description": "Operations endpoints of one edgegw gateway. Bound to loopback by default; "
+                                "POST bodies, when present, must be application/json."},
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {"schemas": {"Error": ERROR_SCHEMA, "Device": DEVICE_SCHEMA, "Outbox": OUTBOX_SCHEMA,
+                                   "Uplink": UPLINK_SCHEMA}},
+    }
+
+
+def admin_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        context.load_verify_locations(cafile=str(client_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def _allowed_hosts(bind: str) -> frozenset[str] | None:
+    try:
+        loopback = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = bind in ("localhost",)
+    return _LOOPBACK_NAMES | {bind} if loopback else None
+
+
+def _url_host(bind: str) -> str:
+    return f"[{bind}]" if ":" in bind else bind
+
+
+def _safe_port(server: Any) -> int | None:
+    try:
+        return int(server.port)
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,182 @@
+"""The writer's upkeep inside a group transaction: deletes with usage accounting, TTL expiry, drop-oldest
+eviction, the disk headroom guard, and giving free pages back to the filesystem when idle (docs/OUTBOX.md)."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import structlog
+
+from edgegw.config import OutboxSettings
+from edgegw.outbox._schema import device_key
+
+_DISK_CHECK_EVERY = 0.5  # seconds between statvfs calls (one per group commit at most)
+_EXPIRE_EVERY = 1.0  # seconds between TTL sweeps
+_EXPIRE_BATCH = 2000
+_VACUUM_MIN_PAGES = 256  # free pages before the idle writer returns them to the filesystem
+_VACUUM_STEP_PAGES = 2048  # pages per incremental_vacuum step, so a waiting group is not held long
+_GONE = "RETURNING CAST(device_id AS BLOB), size"
+_IDS = "(SELECT value FROM json_each(?))"
+
+
+def _statvfs_free(folder: Path) -> int:
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+class Upkeep:
+    """Mixed into :class:`~edgegw.outbox.store.Outbox`; runs only in its writer task."""
+
+    _settings: OutboxSettings
+    _writer: aiosqlite.Connection
+    _log: structlog.typing.FilteringBoundLogger
+    _usage: dict[str, list[int]]
+    _count: int
+    _bytes: int
+    _byte_limit: int
+    _disk_limited: bool
+    _disk_checked: float
+    _vacuum_due: bool
+    _to_delete: set[int]
+    vacuumed_pages: int
+    free_bytes: Callable[[Path], int]
+
+    async def _delete(self, sql: str, params: tuple[Any, ...], into: dict[str, int] | None = None) -> int:
+        """Run a DELETE ... RETURNING device, size and take the rows off the usage counts."""
+        async with self._writer.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        usage = self._usage
+        for raw, size in rows:
+            device = device_key(raw)
+            u = usage.get(device)
+            if u is not None:
+                u[0] -= 1
+                u[1] -= size
+                if u[0] <= 0:
+                    del usage[device]
+            self._count -= 1
+            self._bytes -= size
+            if into is not None:
+                into[device] = into.get(device, 0) + 1
+        return len(rows)
+
+    async def _expire(self, expired: dict[str, int]) -> None:
+        """Delete records older than ``ttl``. Ids follow arrival, so the oldest ids are looked at first (a clock
+        that jumps back can delay expiry, never expire young records)."""
+        cutoff = time.time() - self._settings.ttl
+        for _ in range(10):
+            n = await self._delete(
+                f"DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY id LIMIT {_EXPIRE_BATCH})"
+                f" AND received_at < ? {_GONE}", (cutoff,), expired)
+            if n < _EXPIRE_BATCH:
+                return
+
+    async def _evict(self, dropped: dict[str, int]) -> None:
+        """drop-oldest: delete the oldest, lowest-priority records of the device holding the most (in the
+        dimension that is over) until the outbox is within its limits."""
+        s = self._settings
+        skip: set[str] = set()
+        for _ in range(256):
+            over_records = self._count - s.max_records
+            over_bytes = self._bytes - self._byte_limit
+            if over_records <= 0 and over_bytes <= 0:
+                return
+            dim = 1 if over_bytes > 0 else 0
+            top = heapq.nlargest(2, ((u[dim], d) for d, u in self._usage.items() if d not in skip))
+            if not top:
+                return
+            device = top[0][1]
+            runner_up = top[1][0] if len(top) > 1 else 0
+            held, held_bytes = self._usage[device]
+            if dim == 0:  # enough to fix the excess, or to bring it down to the next heaviest device
+                want = min(over_records, held - runner_up + 1)
+            else:
+                avg = max(1, held_bytes // max(1, held))
+                want = min(-(-over_bytes // avg), 1 + (held_bytes - runner_up) // avg)  # ceil: no overshoot
+            want = max(1, min(want, 4096))
+            async with self._writer.execute(
+                    "SELECT id FROM records WHERE device_id=? ORDER BY priority, id LIMIT ?",
+                    (device, want + len(self._to_delete))) as cur:
+                ids = [r[0] for r in await cur.fetchall() if r[0] not in self._to_delete][:want]
+            if not ids:
+                skip.add(device)  # everything it holds awaits commit: look at the next one
+                continue
+            await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(ids),), dropped)
+
+    async def _recount(self) -> None:
+        """After a failed transaction: usage from the file plus what awaits commit."""
+        usage: dict[str, list[int]] = {}
+        try:
+            async with self._writer.execute(
+                    "SELECT CAST(device_id AS BLOB), count(*), sum(size) FROM records GROUP BY device_id") as cur:
+                for raw, count, size in await cur.fetchall():
+                    u = usage.setdefault(device_key(raw), [0, 0])
+                    u[0] += count
+                    u[1] += size or 0
+        except sqlite3.Error:
+            return  # keep the old counts; the next failure or success corrects them
+        for record, size, _ in self._pending:
+            u = usage.setdefault(record.device_id, [0, 0])
+            u[0] += 1
+            u[1] += size
+        self._usage = usage
+        self._count = sum(u[0] for u in usage.values())
+        self._bytes = sum(u[1] for u in usage.values())
+
+    async def _freelist_bytes(self) -> int:
+        async with self._writer.execute("SELECT * FROM pragma_freelist_count, pragma_page_size") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) * int(row[1]) if row else 0
+
+    def _refresh_disk_limit(self, freelist_bytes: int) -> None:
+        """The disk headroom guard: the outbox may grow by half of what is free beyond ``min_free_bytes`` (half:
+        pages, indexes and the WAL cost more than the bytes we count), plus the free pages inside the file."""
+        self._disk_checked = time.monotonic()
+        try:
+            free = self.free_bytes(self._settings.path.parent)
+        except OSError:
+            return
+        room = free - self._settings.min_free_bytes + freelist_bytes
+        disk_limit = max(0, self._bytes + room // 2)
+        self._disk_limited = disk_limit < self._settings.max_bytes
+        self._byte_limit = min(self._settings.max_bytes, disk_limit)
+
+    async def _vacuum_step(self) -> bool:
+        """When idle: return free pages to the filesystem, a step at a time. True to be called again."""
+        try:
+            async with self._writer.execute("PRAGMA freelist_count") as cur:
+                free_pages = int((await cur.fetchone())[0])  # type: ignore[index]
+            if free_pages < _VACUUM_MIN_PAGES:
+                self._vacuum_due = False
+                await self._writer.execute("COMMIT")
+                # Idle and compact: shrink the WAL too (waits at most 50 ms for a reader to finish).
+                await self._writer.execute("PRAGMA busy_timeout=50")
+                async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+                    await cur.fetchall()
+                await self._writer.execute("PRAGMA busy_timeout=5000")
+                await self._writer.execute("BEGIN")
+                return False
+            await self._writer.execute("COMMIT")
+            # executescript steps the pragma to completion (execute() stops after one page, one row)
+            await self._writer.executescript(f"PRAGMA incremental_vacuum({_VACUUM_STEP_PAGES});")
+            async with self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
+                await cur.fetchall()  # in WAL mode the file is truncated when the checkpoint copies the commit
+            await self._writer.execute("BEGIN")
+        except sqlite3.Error as exc:
+            self._log.warning("outbox.vacuum_failed", error=str(exc))
+            self._vacuum_due = False
+            try:
+                await self._writer.execute("BEGIN")
+            except sqlite3.Error:
+                pass
+            return False
+        self.vacuumed_pages += min(free_pages, _VACUUM_STEP_PAGES)
+        return True  # look again: another step, or the final WAL truncation

@@ -1,0 +1,265 @@
+"""One connection attempt of the uplink: a fresh paho client driven from the asyncio loop (add_reader /
+add_writer, ``loop_misc`` once a second), its in-flight publishes and the futures the pump waits on."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from edgegw.uplink._wire import _close_socket
+
+if TYPE_CHECKING:
+    from edgegw.uplink.paho_bridge import Uplink
+
+_MISC_INTERVAL = 1.0  # paho's loop_misc: keepalive pings and PINGRESP timeout
+_OK = MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+class _Link:
+    """One connection attempt: a fresh paho client, its socket registrations, timer and in-flight publishes."""
+
+    def __init__(self, uplink: Uplink, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        s = uplink._settings
+        self.uplink = uplink
+        self.loop = loop
+        self.host, self.port = host, port
+        self.failing_back = False
+        self.mqtt5 = s.protocol == "5"
+        self.window = s.inflight_window
+        protocol = MQTTProtocolVersion.MQTTv5 if self.mqtt5 else MQTTProtocolVersion.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uplink.client_id, protocol=protocol,
+                             reconnect_on_failure=False)  # no silent reconnects (or v3.1 downgrades) inside paho
+        client.connect_timeout = s.connect_timeout
+        # Our window bounds what is in flight; paho's must match so it never queues (each PUBACK scans its list:
+        # keep it small, BRIEF §2).
+        client.max_inflight_messages_set(self.window)
+        client.tls_set_context(uplink._tls)
+        self.paho_log = _LastError()
+        client.enable_logger(self.paho_log)
+        self.client = client  # no callbacks yet: connect() runs in another thread, callbacks touch loop objects
+        self.inflight: dict[int, int | list[int]] = {}  # paho mid -> record id, or the ids of a frame
+        self.acks: list[int] = []  # acknowledged record ids, handed to the outbox once per socket read
+        self.connack: asyncio.Future[str | None] = loop.create_future()  # None: accepted; else why refused
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self.slot: asyncio.Future[None] | None = None
+        self.max_packet: int | None = None  # the server's Maximum Packet Size (MQTT 5 CONNACK)
+        self.probe_mid = 0
+        self.probe_next = 0
+        self.probe_t = 0.0
+        self.boundary = 0  # records with ids up to this are the backlog of this connection
+        self.poked = False
+        self.fd = -1
+        self.sock: Any = None
+        self.misc: asyncio.TimerHandle | None = None
+        self._lock = threading.Lock()
+        self._thread_done = False
+        self._abandoned = False
+
+    def blocking_connect(self, host: str, port: int, keepalive: int) -> str | None:
+        """In an executor thread: TCP connect, TLS handshake, CONNECT written. Returns None or the error."""
+        error: str | None = None
+        try:
+            rc = self.client.connect(host, port, keepalive)
+            if rc != _OK:  # e.g. writing CONNECT failed: the server rejected our certificate after the handshake
+                error = mqtt.error_string(rc)
+                if self.paho_log.last:
+                    error = f"{error} ({self.paho_log.last})"
+        except Exception as exc:  # OSError, ssl.SSLError, CertificateError; keep the text, not the traceback
+            error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._thread_done = True
+            abandoned = self._abandoned
+        if error is not None or abandoned:
+            _close_socket(self.client)
+        return error
+
+    def attach(self) -> None:
+        """After connect() returned in the executor: watch the socket from the loop."""
+        client = self.client
+        self.sock = client.socket()
+        self.fd = self.sock.fileno()
+        self.loop.add_reader(self.fd, self._on_readable)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_register_write
+        client.on_socket_unregister_write = self._on_unregister_write
+        if client.want_write():  # CONNECT did not fit in the socket buffer
+            self.loop.add_writer(self.fd, self._on_writable)
+        self.misc = self.loop.call_later(_MISC_INTERVAL, self._on_misc)
+
+    def set_lost(self, reason: str) -> None:
+        if not self.lost.done():
+            self.lost.set_result(reason)
+        self._wake()
+
+    async def wait(self, timeout: float) -> None:
+        """Until a PUBACK, a commit in the outbox, the loss of the connection, or ``timeout`` seconds."""
+        if self.poked or self.lost.done():
+            self.poked = False
+            return
+        self.slot = self.loop.create_future()
+        try:
+            await asyncio.wait((self.slot,), timeout=timeout)
+        finally:
+            self.slot = None
+            self.poked = False
+
+    def poke(self) -> None:
+        self._wake()
+
+    def _wake(self) -> None:
+        self.poked = True
+        if self.slot is not None and not self.slot.done():
+            self.slot.set_result(None)
+
+    def close(self, graceful: bool) -> None:
+        """Release everything; with ``graceful``, try to send DISCONNECT first. Idempotent."""
+        with self._lock:
+            self._abandoned = True
+            thread_done = self._thread_done
+        if self.misc is not None:
+            self.misc.cancel()
+            self.misc = None
+        self._unwatch()
+        client = self.client
+        client.on_socket_close = client.on_socket_register_write = client.on_socket_unregister_write = None
+        client.on_connect = client.on_disconnect = client.on_publish = None
+        self._flush_acks()
+        self.set_lost("closed")
+        if not thread_done:
+            return  # connect() is still running in its thread, which closes the socket when it returns
+        if graceful and client.is_connected():
+            try:  # with no write callback, paho writes DISCONNECT at once (best effort: the socket is non-blocking)
+                client.disconnect()
+            except Exception:  # noqa: BLE001 - we are closing anyway
+                pass
+        _close_socket(client)
+
+    def _unwatch(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+            self.fd = -1
+
+    def _flush_acks(self) -> None:
+        if self.acks:
+            self.uplink._outbox.ack(self.acks)
+            self.acks = []
+
+    # --- loop callbacks -------------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        client = self.client
+        try:
+            client.loop_read()
+            # TLS can hold decrypted bytes the kernel no longer signals as readable: drain them now.
+            while self.fd >= 0 and self.sock.pending():
+                client.loop_read()
+        except Exception as exc:  # a bug on our side or in paho: drop this connection rather than stall
+            self.set_lost(f"internal error while reading: {exc!r}")
+            self.uplink._log.exception("uplink.read_failed")
+        finally:
+            self._flush_acks()
+
+    def _on_writable(self) -> None:
+        try:
+            self.client.loop_write()
+        except Exception as exc:
+            self.set_lost(f"internal error while writing: {exc!r}")
+            self.uplink._log.exception("uplink.write_failed")
+        if self.fd >= 0 and not self.client.want_write():
+            self.loop.remove_writer(self.fd)
+
+    def _on_misc(self) -> None:
+        self.misc = None
+        if self.fd < 0:
+            return
+        try:
+            self.client.loop_misc()
+        except Exception as exc:
+            self.set_lost(f"internal error in loop_misc: {exc!r}")
+        if self.fd >= 0:
+            self.misc = self.loop.call_later(_MISC_INTERVAL, self._on_misc)
+
+    # --- paho callbacks (always on the loop thread: they run inside loop_read/loop_write/loop_misc) -----------
+
+    def _on_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.fd >= 0:
+            self.loop.add_writer(self.fd, self._on_writable)
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        if self.fd >= 0:
+            self.loop.remove_writer(self.fd)
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._unwatch()  # before paho closes the fd
+        # paho usually calls on_disconnect right after this, with a better reason; let that one win.
+        self.loop.call_soon(self.set_lost, "socket closed")
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self.connack.done():
+            return
+        if reason.is_failure:
+            self.connack.set_result(f"CONNACK refused: {reason} (0x{reason.value:02x})")
+            return
+        receive_max = getattr(properties, "ReceiveMaximum", None) if self.mqtt5 else None
+        if receive_max and receive_max < self.window:  # never more in flight than the server accepts (BRIEF §3.8)
+            self.window = receive_max  # paho's own limit cannot change once connected; it stays >= ours
+        self.max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
+        self.connack.set_result(None)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        text = str(reason)
+        if flags.is_disconnect_packet_from_server:
+            text = f"DISCONNECT from server: {text} (0x{reason.value:02x})"
+            reason_string = getattr(properties, "ReasonString", None)
+            if reason_string:
+                text += f": {reason_string}"
+        self.set_lost(text)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        carried = self.inflight.pop(mid, None)
+        if carried is None:
+            return
+        ids = carried if isinstance(carried, list) else (carried,)  # a frame carries a list of record ids
+        if reason.value >= 0x80:
+            text = f"PUBACK {reason} (0x{reason.value:02x})"
+            reason_string = getattr(properties, "ReasonString", None)
+            for record_id in ids:
+                self.uplink._quarantine(record_id, f"{text}: {reason_string}" if reason_string else text)
+        else:
+            self.acks.extend(ids)
+            self.uplink.acked += len(ids)
+            backfill = self.uplink._backfill
+            if backfill is not None:
+                backfill.acked += sum(1 for record_id in ids if record_id <= self.boundary)
+        if mid == self.probe_mid:
+            self.uplink.last_rtt = time.monotonic() - self.probe_t
+            self.probe_mid = 0
+        self._wake()
+
+
+class _LastError(logging.Logger):
+    """paho's logger: keeps the last warning/error (e.g. the TLS alert that ended a handshake), ignores the rest.
+
+    paho only calls ``log()``; overriding it keeps paho's per-packet debug lines down to one comparison.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("edgegw.uplink.paho", logging.WARNING)
+        self.last: str | None = None
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if level >= logging.WARNING:
+            try:
+                self.last = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):
+                self.last = f"{msg} {args}"

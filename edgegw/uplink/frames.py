@@ -1,0 +1,50 @@
+"""Batch frames: many outbox records in one upstream PUBLISH (``uplink.batch_max_records`` > 1).
+
+A frame is published at QoS 1 to ``{topic_prefix}/_batch`` (``{topic_prefix}/_batch/zlib`` when compressed); over
+MQTT 5 it also carries the user property ``edgegw-frame`` = ``msgpack/1`` or ``msgpack+zlib/1``. The payload is a
+msgpack map (zlib-deflated when compressed)::
+
+    {"v": 1,
+     "fields": ["id", "device_id", "topic", "received_at", "priority", "payload"],
+     "records": [[4711, "dev-01", "edgegw/dev-01/telemetry", 1700000000.123, 1, b"..."], ...]}
+
+``id`` is the outbox record id, stable across resends: the cloud deduplicates on it. ``topic`` is the upstream topic
+the record would have had on its own. The frame's PUBACK acknowledges every record in it; a frame refused upstream
+(PUBACK >= 0x80) quarantines all its records.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import msgpack
+
+from edgegw.outbox.store import Record
+
+FRAME_VERSION = 1
+FIELDS = ("id", "device_id", "topic", "received_at", "priority", "payload")
+RECORD_COST = 32
+"""Bytes of msgpack framing counted per record on top of payload, topic and device id (an upper bound)."""
+
+
+def record_cost(record: Record, topic: str) -> int:
+    return len(record.payload) + len(topic) + len(record.device_id) + RECORD_COST
+
+
+def encode_frame(records: list[tuple[Record, str]], compress: bool) -> bytes:
+    body = msgpack.packb({
+        "v": FRAME_VERSION,
+        "fields": list(FIELDS),
+        "records": [[r.id, r.device_id, topic, r.received_at, r.priority, r.payload] for r, topic in records],
+    }, use_bin_type=True)
+    return zlib.compress(body, 6) if compress else body
+
+
+def decode_frame(data: bytes, compressed: bool = False) -> list[dict[str, Any]]:
+    """For the cloud side and tests: the records of a frame as dicts keyed by ``fields``."""
+    frame = msgpack.unpackb(zlib.decompress(data) if compressed else data, raw=False)
+    if frame.get("v") != FRAME_VERSION:
+        raise ValueError(f"unknown frame version {frame.get('v')!r}")
+    fields = frame["fields"]
+    return [dict(zip(fields, row, strict=True)) for row in frame["records"]]

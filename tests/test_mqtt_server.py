@@ -1,0 +1,237 @@
+"""The MQTT server in-process with a real outbox and real paho devices (mTLS), no uplink: what lands in the
+outbox records, and the downlink interface. The device clients run in their own threads; the test awaits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+
+from conftest import Fleet
+from edgegw.config import ACLSettings, MQTTSettings, OutboxSettings, TLSSettings
+from edgegw.identity import server_ssl_context
+from edgegw.mqtt.forward import decode_record_properties
+from edgegw.mqtt.packets import Properties, PropertyId
+from edgegw.mqtt.server import MQTTServer
+from edgegw.outbox.store import Outbox
+from edgegw.policy.acl import ACL
+from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Puback, Publish, Pubrec, ReasonCode
+from mqtt_peers import V311, PahoDevice, RawClient, props, until
+
+
+class Harness:
+    def __init__(self, server: MQTTServer, outbox: Outbox, fleet: Fleet) -> None:
+        self.server = server
+        self.outbox = outbox
+        self.fleet = fleet
+
+    async def device(self, device_id: str, **kwargs: Any) -> PahoDevice:
+        dev = PahoDevice(self.fleet.device_context(device_id), self.server.port, device_id, **kwargs)
+        return await asyncio.to_thread(dev.start)
+
+    async def records(self, n: int, timeout: float = 5.0) -> list[Any]:
+        """The committed records once there are at least ``n``."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            found = await self.outbox.fetch_after(0, 1000)
+            if len(found) >= n:
+                return found
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{len(found)} records committed, expected {n}")
+            await asyncio.sleep(0.02)
+
+
+async def published(info: Any) -> None:
+    await asyncio.to_thread(info.wait_for_publish, 5)
+
+
+@contextlib.asynccontextmanager
+async def running(fleet: Fleet, tmp_path: Path, **outbox_options: Any) -> AsyncIterator[Harness]:
+    tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
+                      ca=fleet.ca)
+    options = {"commit_window_ms": 1.0, **outbox_options}
+    outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **options))
+    writer = asyncio.create_task(outbox.run())
+    settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp")
+    server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(ACLSettings()), outbox)
+    await server.start()
+    try:
+        yield Harness(server, outbox, fleet)
+    finally:
+        await server.drain(2.0)
+        outbox.stop()
+        await writer
+        await outbox.close()
+
+
+@pytest.fixture
+async def harness(fleet: Fleet, tmp_path: Path) -> AsyncIterator[Harness]:
+    async with running(fleet, tmp_path) as h:
+        yield h
+
+
+async def test_v5_publish_properties_reach_the_outbox_record(harness: Harness) -> None:
+    dev = await harness.device("dev-00")
+    try:
+        assert dev.connected.is_set()
+        p = props(PayloadFormatIndicator=1, ContentType="application/json", ResponseTopic="devices/dev-00/resp",
+                  CorrelationData=b"\x00\x01", MessageExpiryInterval=120)
+        p.UserProperty = [("site", "north"), ("site", "south")]
+        await published(dev.client.publish("devices/dev-00/telemetry", b'{"t":1}', qos=1, properties=p))
+        await published(dev.client.publish("devices/dev-00/plain", b"x", qos=1))
+        records = await harness.records(2)
+    finally:
+        await asyncio.to_thread(dev.close)
+    first, second = records[0], records[1]
+    assert first.topic == "devices/dev-00/telemetry"
+    assert decode_record_properties(first.properties) == {
+        "pfi": 1, "ct": "application/json", "rt": "devices/dev-00/resp", "cd": b"\x00\x01", "mei": 120,
+        "up": [["site", "north"], ["site", "south"]]}
+    assert second.properties is None
+
+
+async def test_topic_alias_resolved_into_the_record(harness: Harness) -> None:
+    dev = await harness.device("dev-01")
+    try:
+        assert dev.connack_props.TopicAliasMaximum == 16
+        await published(dev.client.publish("devices/dev-01/a", b"1", qos=1, properties=props(TopicAlias=1)))
+        await published(dev.client.publish("", b"2", qos=1, properties=props(TopicAlias=1)))
+        records = await harness.records(2)
+    finally:
+        await asyncio.to_thread(dev.close)
+    assert [(r.topic, r.payload) for r in records] == [("devices/dev-01/a", b"1"), ("devices/dev-01/a", b"2")]
+    assert all(r.properties is None for r in records)  # the alias itself is not carried
+
+
+async def test_invalid_utf8_with_payload_format_1_gets_0x99(harness: Harness) -> None:
+    dev = await harness.device("dev-02")
+    try:
+        info = dev.client.publish("devices/dev-02/t", b"\xff\xfe", qos=1, properties=props(PayloadFormatIndicator=1))
+        await published(info)  # paho completes the message on any PUBACK; the reason code is 0x99
+        utf8 = props(PayloadFormatIndicator=1)
+        await published(dev.client.publish("devices/dev-02/t", b"ok", qos=1, properties=utf8))
+        records = await harness.records(1)
+        assert [r.payload for r in records] == [b"ok"]
+        assert dev.connected.is_set()
+    finally:
+        await asyncio.to_thread(dev.close)
+
+
+async def test_server_keep_alive_and_session_expiry_in_connack(harness: Harness) -> None:
+    dev = await harness.device("dev-03", keepalive=0, clean=False, session_expiry=10**9)
+    try:
+        assert dev.connack_props.ServerKeepAlive == 120
+        assert dev.connack_props.SessionExpiryInterval == 86400
+        assert not hasattr(dev.connack_props, "MaximumQoS")
+    finally:
+        await asyncio.to_thread(dev.close)
+
+
+async def test_downlink_reaches_the_devices_own_subscription_only(harness: Harness) -> None:
+    dev = await harness.device("dev-04")
+    other = await harness.device("dev-05")
+    try:
+        await asyncio.to_thread(dev.subscribe, "devices/dev-04/cmd/#", 1)
+        await asyncio.to_thread(other.subscribe, "devices/dev-05/cmd/#", 1)
+        user = Properties({PropertyId.CONTENT_TYPE: "text/plain"}, user=(("cmd-id", "42"),))
+        assert harness.server.deliver_downlink("dev-04", "devices/dev-04/cmd/reboot", b"now", 1, user,
+                                               message_expiry=60)
+        assert not harness.server.deliver_downlink("dev-04", "devices/dev-04/other", b"x", 1)  # no subscription
+        assert not harness.server.deliver_downlink("dev-99", "devices/dev-99/cmd/x", b"x", 1)  # no session
+        await until(lambda: len(dev.messages) >= 1, 5, "downlink message")
+        got = dev.messages[0]
+        assert (got.topic, got.payload, got.qos) == ("devices/dev-04/cmd/reboot", b"now", 1)
+        assert got.properties.ContentType == "text/plain"
+        assert got.properties.UserProperty == [("cmd-id", "42")]
+        assert 0 < got.properties.MessageExpiryInterval <= 60
+        await asyncio.sleep(0.2)
+        assert other.messages == []
+    finally:
+        await asyncio.to_thread(dev.close)
+        other.close()
+
+
+async def test_downlink_queued_for_offline_persistent_session(harness: Harness) -> None:
+    dev = await harness.device("dev-06", protocol=V311, clean=False)
+    await asyncio.to_thread(dev.subscribe, "devices/dev-06/cmd/#", 2)
+    await asyncio.to_thread(dev.close)
+    await until(lambda: "dev-06" not in harness.server.devices, 5, "disconnect")
+    for i in range(3):
+        assert harness.server.deliver_downlink("dev-06", f"devices/dev-06/cmd/{i}", b"x", 2)
+    assert not harness.server.deliver_downlink("dev-06", "devices/dev-06/cmd/q0", b"x", 0)  # QoS 0 not queued
+    again = await harness.device("dev-06", protocol=V311, clean=False)
+    try:
+        assert again.session_present
+        await until(lambda: len(again.messages) >= 3, 5, "queued downlink")
+        assert [m.topic for m in again.messages] == [f"devices/dev-06/cmd/{i}" for i in range(3)]
+        assert {m.qos for m in again.messages} == {2}
+    finally:
+        await asyncio.to_thread(again.close)
+
+
+async def test_will_goes_to_the_outbox(harness: Harness) -> None:
+    dev = await harness.device("dev-07", will=("devices/dev-07/status", b"offline", 1, False),
+                               will_props=props(PacketTypes.WILLMESSAGE, ContentType="text/plain"))
+    assert dev.connected.is_set()
+    dev.drop()
+    records = await harness.records(1)
+    assert (records[0].topic, records[0].payload) == ("devices/dev-07/status", b"offline")
+    assert decode_record_properties(records[0].properties) == {"ct": "text/plain"}
+
+
+async def test_normal_disconnect_discards_the_will(harness: Harness) -> None:
+    dev = await harness.device("dev-08", will=("devices/dev-08/status", b"offline", 1, False))
+    await asyncio.to_thread(dev.close)
+    await until(lambda: "dev-08" not in harness.server.devices, 5, "disconnect")
+    await asyncio.sleep(0.1)
+    assert await harness.outbox.fetch_after(0, 10) == []
+
+
+async def test_outbox_full_gives_0x97_on_5_and_closes_311(fleet: Fleet, tmp_path: Path) -> None:
+    async with running(fleet, tmp_path, full_policy="reject-new", max_records=2) as h:
+        def session(version: int, device_id: str, count: int) -> list[object]:
+            c = RawClient(fleet.device_context(device_id), h.server.port, version)
+            c.send(Connect(version, device_id, True, 30))
+            assert isinstance(c.read(), Connack)
+            acks = []
+            for pid in range(1, count + 1):
+                c.send(Publish(f"devices/{device_id}/t", b"x", 1, packet_id=pid))
+                acks.append(c.read())
+            c.close()
+            return acks
+
+        acks5 = await asyncio.to_thread(session, MQTT_5, "dev-09", 3)
+        assert acks5 == [Puback(1), Puback(2), Puback(3, ReasonCode.QUOTA_EXCEEDED)]
+        # 3.1.1 has no negative PUBACK: the connection is closed and the device keeps its message.
+        assert await asyncio.to_thread(session, MQTT_311, "dev-10", 1) == [None]
+        assert h.server.stats.publish_rejected == 2
+        assert len(await h.outbox.fetch_after(0, 10)) == 2
+
+
+async def test_qos2_resend_on_a_new_connection_before_the_commit_is_one_record(fleet: Fleet, tmp_path: Path) -> None:
+    async with running(fleet, tmp_path, commit_window_ms=400.0) as h:
+        def device_side() -> list[object]:
+            ctx = fleet.device_context("dev-11")
+            a = RawClient(ctx, h.server.port, MQTT_311)
+            a.send(Connect(MQTT_311, "dev-11", False, 30))
+            assert isinstance(a.read(), Connack)
+            a.send(Publish("devices/dev-11/q2", b"once", 2, packet_id=3))
+            a.close()  # gone before the (slow) group commit
+            b = RawClient(ctx, h.server.port, MQTT_311)
+            b.send(Connect(MQTT_311, "dev-11", False, 30))
+            got = [b.read()]
+            b.send(Publish("devices/dev-11/q2", b"once", 2, dup=True, packet_id=3))
+            got.append(b.read())
+            b.close()
+            return got
+
+        connack, ack = await asyncio.to_thread(device_side)
+        assert isinstance(connack, Connack) and connack.session_present
+        assert ack == Pubrec(3)
+        await asyncio.sleep(0.5)
+        assert [r.payload for r in await h.outbox.fetch_after(0, 10)] == [b"once"]

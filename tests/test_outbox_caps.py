@@ -1,0 +1,271 @@
+"""Outbox bounds against real SQLite files: record/byte caps, fairness, TTL, the disk guard, space returned."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import structlog
+
+from edgegw.config import OutboxSettings
+from edgegw.outbox import Outbox, OutboxFull
+from edgegw.outbox.store import RECORD_OVERHEAD, ROOM_AGAIN_BELOW
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Running:
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.task = asyncio.create_task(outbox.run())
+
+    async def settle(self) -> None:
+        """Wait until everything submitted and acknowledged so far is committed."""
+        box = self.outbox
+        await eventually(lambda: not box._pending and not box._to_delete and not box._deleting
+                         and not box._to_quarantine and box.committed_id == box._next_id - 1, 10,
+                         "the writer to catch up")
+
+    async def close(self) -> None:
+        self.outbox.stop()
+        await asyncio.wait_for(self.task, 10)
+        await self.outbox.close()
+
+
+@pytest.fixture
+async def make(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+    made: list[Running] = []
+
+    async def factory(**kw: object) -> Running:
+        values: dict[str, object] = dict(path=tmp_path / "outbox.db", commit_window_ms=1, synchronous="normal",
+                                         min_free_bytes=0)
+        values.update(kw)
+        run = Running(await Outbox.open(OutboxSettings(**values)))  # type: ignore[arg-type]
+        made.append(run)
+        return run
+
+    yield factory
+    for run in made:
+        if not run.task.done():
+            await run.close()
+
+
+def rows(path: Path) -> list[tuple[str, bytes]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT device_id, payload FROM records ORDER BY id").fetchall()
+
+
+# --- drop-oldest ---------------------------------------------------------------------------------------------
+
+
+async def test_record_cap_drop_oldest_evicts_the_heaviest_device_and_counts(make, tmp_path: Path) -> None:
+    run = await make(max_records=100)
+    box = run.outbox
+    for i in range(20):
+        box.submit("quiet", "devices/quiet/t", b"q%d" % i, 1)
+    await run.settle()
+    for i in range(150):  # the chatty device alone overflows the outbox
+        box.submit("chatty", "devices/chatty/t", b"c%d" % i, 1)
+        if i % 40 == 39:
+            await run.settle()
+    await run.settle()
+    assert box.depth == 100
+    assert box.usage("quiet") == (20, box.usage("quiet")[1]), "the quiet device lost records to the chatty one"
+    assert box.dropped == {"chatty": 70}
+    on_disk = rows(tmp_path / "outbox.db")
+    assert [p for d, p in on_disk if d == "chatty"] == [b"c%d" % i for i in range(70, 150)], "not the oldest"
+    assert len(on_disk) == 100
+    await run.close()
+
+
+async def test_byte_cap_drop_oldest_with_priorities(make, tmp_path: Path) -> None:
+    size = 1000 + len("devices/a/t") + 1 + RECORD_OVERHEAD
+    run = await make(max_bytes=40 * size)
+    box = run.outbox
+    box.submit("a", "devices/a/t", b"A" * 1000, 1, priority=2)  # an alarm: the last to be evicted
+    for i in range(59):
+        box.submit("a", "devices/a/t", b"%04d" % i + b"x" * 996, 1)
+    await run.settle()
+    assert box.bytes_held <= 40 * size and box.depth == 40
+    assert box.dropped == {"a": 20}
+    payloads = [p for _, p in rows(tmp_path / "outbox.db")]
+    assert payloads[0] == b"A" * 1000, "the higher-priority record was evicted before lower ones"
+    assert payloads[1][:4] == b"0020"
+    await run.close()
+
+
+async def test_counts_survive_a_restart(make, tmp_path: Path) -> None:
+    run = await make()
+    for i in range(30):
+        run.outbox.submit(f"d{i % 3}", "devices/x/t", b"p" * i, 1)
+    await run.settle()
+    before = {d: run.outbox.usage(d) for d in ("d0", "d1", "d2")}
+    await run.close()
+    run = await make()
+    assert {d: run.outbox.usage(d) for d in ("d0", "d1", "d2")} == before
+    assert run.outbox.depth == 30 and run.outbox.bytes_held == sum(b for _, b in before.values())
+
+
+# --- reject-new and fairness ---------------------------------------------------------------------------------
+
+
+async def test_reject_new_refuses_synchronously_over_fair_share_first(make) -> None:
+    run = await make(max_records=100, full_policy="reject-new")
+    box = run.outbox
+    committed: list[bool] = []
+    for i in range(10):
+        box.submit("quiet", "devices/quiet/t", b"q", 1, committed.append)
+    accepted = 0
+    with pytest.raises(OutboxFull) as info:
+        for _ in range(200):
+            box.submit("chatty", "devices/chatty/t", b"c", 1, committed.append)
+            accepted += 1
+    # past 90 % the chatty device (over 100 / 2 devices) is refused; the last 10 % stay for others
+    assert info.value.reason == "device_share" and info.value.device_id == "chatty"
+    assert accepted == 80 and box.depth == 90
+    assert not box.has_room("chatty") and box.has_room("quiet") and box.has_room("newcomer")
+    for _ in range(10):
+        box.submit("quiet", "devices/quiet/t", b"q", 1, committed.append)
+    with pytest.raises(OutboxFull) as info:
+        box.submit("quiet", "devices/quiet/t", b"q", 1)
+    assert info.value.reason == "records"
+    assert box.rejected == {"chatty": 1, "quiet": 1}
+    await run.settle()
+    assert committed == [True] * 100, "a refused record must not get a callback"
+
+    woken: list[int] = []
+    box.when_room(lambda: woken.append(box.depth))
+    fetched = await box.fetch_after(0, 100)
+    box.ack([r.id for r in fetched[:5]])
+    await run.settle()
+    assert woken == [], "woken while still nearly full"
+    box.ack([r.id for r in fetched[5:40]])
+    await run.settle()
+    assert woken == [60] and 60 < ROOM_AGAIN_BELOW * 100
+    box.submit("chatty", "devices/chatty/t", b"c", 1)
+    soon = asyncio.Event()
+    box.when_room(soon.set)  # there is room already: called from the loop right away
+    await asyncio.wait_for(soon.wait(), 5)
+    await run.close()
+
+
+async def test_reject_new_byte_cap(make) -> None:
+    run = await make(max_bytes=10_000, full_policy="reject-new")
+    box = run.outbox
+    with pytest.raises(OutboxFull) as info:
+        for _ in range(100):
+            box.submit("solo", "devices/solo/t", b"x" * 1000, 1)
+    assert info.value.reason == "bytes"  # one device: its fair share is the whole outbox
+    assert 9 <= box.depth <= 10 and box.bytes_held <= 10_000
+    with pytest.raises(OutboxFull):
+        box.submit("solo", "devices/solo/t", b"x" * 20_000, 1)
+    await run.close()
+
+
+# --- TTL ------------------------------------------------------------------------------------------------------
+
+
+async def test_expired_records_are_deleted_and_counted(make, tmp_path: Path) -> None:
+    run = await make(ttl=0.3)
+    box = run.outbox
+    for i in range(12):
+        box.submit(f"d{i % 2}", "devices/x/t", b"old", 1)
+    await run.settle()
+    with structlog.testing.capture_logs() as logs:
+        await eventually(lambda: sum(box.expired.values()) == 12, 5, "the records to expire")
+    assert box.expired == {"d0": 6, "d1": 6}
+    assert rows(tmp_path / "outbox.db") == []
+    assert any(e["event"] == "outbox.expired" and e["records"] == 12 for e in logs)
+    await run.close()
+
+
+# --- the disk guard -------------------------------------------------------------------------------------------
+
+
+async def test_disk_headroom_guard(make, tmp_path: Path) -> None:
+    """The file is real; only the filesystem's free-space reading (os.statvfs) is replaced by a small disk whose
+    free space shrinks as the outbox file grows."""
+    db = tmp_path / "outbox.db"
+    min_free = 50_000_000
+    disk = {"capacity": 10**12}
+
+    def free_bytes(folder: Path) -> int:
+        return disk["capacity"] - file_bytes(db)
+
+    Outbox.free_bytes = staticmethod(free_bytes)  # type: ignore[assignment]
+    try:
+        run = await make(full_policy="reject-new", min_free_bytes=min_free)
+        box = run.outbox
+        assert box.byte_limit == box._settings.max_bytes
+        disk["capacity"] = min_free + file_bytes(db) + 200_000  # nearly full: 200 kB above the headroom
+        box.submit("d", "devices/d/t", b"x", 1)
+        await asyncio.sleep(0.6)  # the guard reads statvfs at most twice a second, with a group commit
+        box.submit("d", "devices/d/t", b"x", 1)
+        await run.settle()
+        assert box.byte_limit < 150_000  # about half of the room: pages, indexes and the WAL cost more
+        with pytest.raises(OutboxFull) as info:
+            for _ in range(200):
+                box.submit("d", "devices/d/t", b"x" * 1000, 1)
+        assert info.value.reason == "disk"
+        assert box.bytes_held <= box.byte_limit
+        await run.close()
+
+        run = await make(full_policy="drop-oldest", min_free_bytes=min_free)  # same file, drop-oldest now
+        box = run.outbox
+        for _ in range(300):
+            box.submit("d", "devices/d/t", b"y" * 1000, 1)
+        await run.settle()
+        assert box.bytes_held <= box.byte_limit < 200_000
+        assert sum(box.dropped.values()) >= 100
+        # The disk never filled: the file dips into the headroom by at most about one group's WAL, which is what
+        # min_free_bytes is there to absorb.
+        assert free_bytes(tmp_path) > min_free - 1_000_000, "the file ate the headroom"
+    finally:
+        del Outbox.free_bytes  # back to the class default
+        Outbox.free_bytes = staticmethod(__import__("edgegw.outbox.store", fromlist=["x"])._statvfs_free)
+
+
+# --- space returned -------------------------------------------------------------------------------------------
+
+
+def file_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+
+
+async def test_space_is_returned_after_a_drain(make, tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    run = await make(commit_max_records=2000)
+    box = run.outbox
+    idle = file_bytes(db)
+    payload = b"z" * 1000
+    for i in range(20_000):  # ~20 MB
+        box.submit(f"d{i % 10}", "devices/x/t", payload, 1)
+        if i % 2000 == 1999:
+            await run.settle()
+    await run.settle()
+    full = file_bytes(db)
+    assert full > 20_000_000
+    after = 0
+    while True:
+        batch = await box.fetch_after(after, 2000)
+        if not batch:
+            break
+        box.ack(r.id for r in batch)
+        after = batch[-1].id
+        await run.settle()
+    await eventually(lambda: box.depth == 0 and not box._vacuum_due, 20, "the drain and the vacuum")
+    await eventually(lambda: file_bytes(db) < 2_000_000, 10, "the file to shrink")
+    drained = file_bytes(db)
+    print(f"\nspace: idle {idle:,} B, 20,000 x 1 kB held {full:,} B, drained {drained:,} B, "
+          f"vacuumed {box.vacuumed_pages} pages")
+    await run.close()
