@@ -2,7 +2,8 @@
 
 Start order: outbox (opened, writer running) -> uplink -> device listener. Stop order (SIGTERM/SIGINT): stop
 accepting -> stop reading devices and let their in-flight publishes commit and be acknowledged -> close sessions ->
-flush the outbox -> stop the uplink. Nothing acknowledged to a device is lost on the way.
+stop the uplink (its last acknowledgements become deletes) -> flush the outbox. Nothing acknowledged to a device is
+lost on the way.
 """
 
 from __future__ import annotations
@@ -69,9 +70,12 @@ class Gateway:
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
                 log.info("gateway.stopping", connections=server.connection_count, outbox_depth=outbox.depth)
                 await server.drain(DRAIN_TIMEOUT)
+                # The uplink stops before the outbox writer does, so every upstream PUBACK that arrived is turned
+                # into a delete that the writer's last commit still carries (else: duplicates after a restart).
+                uplink_task.cancel()
+                await asyncio.wait({uplink_task})
                 outbox.stop()
                 await writer
-                uplink_task.cancel()
                 watchdog.cancel()
                 watcher.cancel()
                 if admin is not None:
@@ -79,7 +83,6 @@ class Gateway:
         finally:
             await outbox.close()
         log.info("gateway.stopped", outbox_depth=outbox.depth)
-
 
     def reload(self, trigger: str = "SIGHUP") -> bool:
         """Re-read server certificate/key, CA bundle, CRL and registry; sessions stay unless no longer allowed."""
