@@ -183,6 +183,7 @@ class Bench:
                                    inflight=params.inflight)
         total = params.devices * params.messages
         self.flow_timeout = 30.0 + total / 500  # bound only; at >= 500 msg/s this never fires
+        self._seq = 0
 
     def upstream(self, tag: str) -> Mosquitto:
         extra = [f"max_inflight_messages {self.p.upstream_inflight}"] if self.p.upstream_inflight else []
@@ -195,7 +196,8 @@ class Bench:
         inflight = inflight or self.p.inflight
         if self.p.wait_idle:
             wait_for_idle_machine(self.p.wait_idle)
-        tag = key if profile_out is None else f"{key}-profile"
+        self._seq += 1  # every run gets fresh folders: outbox, logs and broker state never carry over
+        tag = f"{self._seq:02d}-{key}" + ("-profile" if profile_out is not None else "")
         if inflight != self.p.inflight:
             tag += f"-M{inflight}"
         result = FlowResult(key, title, self.p.devices * generator.messages, inflight=inflight)
