@@ -210,10 +210,23 @@ class UplinkSettings:
     batch_max_bytes: int = 65536
     """Upper bound of a frame's payload before compression (also kept under the broker's Maximum Packet Size)."""
     batch_compression: Literal["none", "zlib"] = "none"
+    command_topic: str = ""
+    """Downlink: a filter the uplink subscribes to upstream (QoS 1, after every connect), e.g.
+    ``{prefix}/+/cmd/#``; ``{prefix}`` stands for ``topic_prefix``. A message on ``{prefix}/{device_id}/rest`` is
+    delivered to that device's subscriptions matching ``devices/{device_id}/rest``. "": no downlink."""
+
+    @property
+    def command_filter(self) -> str:
+        """``command_topic`` with ``{prefix}`` substituted ("" when the downlink is off)."""
+        return self.command_topic.replace("{prefix}", self.topic_prefix)
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ConfigError("uplink.host", "must not be empty")
+        if self.command_topic:
+            problem = _command_filter_problem(self.command_filter, self.topic_prefix)
+            if problem is not None:
+                raise ConfigError("uplink.command_topic", f"{problem}, got {self.command_topic!r}")
         for name in ("backfill_rate", "backfill_bytes_rate", "backfill_device_rate", "backfill_device_bytes_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"uplink.{name}", f"must be >= 0 (0: no limit), got {getattr(self, name)}")
@@ -238,6 +251,21 @@ class UplinkSettings:
         if self.reconnect_max < self.reconnect_min:
             raise ConfigError("uplink.reconnect_max", "must be >= uplink.reconnect_min")
         _positive("uplink.connect_timeout", self.connect_timeout)
+
+
+def _command_filter_problem(topic_filter: str, prefix: str) -> str | None:
+    """Why ``topic_filter`` cannot be the downlink's subscription, or None."""
+    if not topic_filter.startswith(prefix + "/"):
+        return "must start with {prefix}/ (commands arrive on {prefix}/{device_id}/...)"
+    levels = topic_filter.split("/")
+    if len(levels) < len(prefix.split("/")) + 1:
+        return "needs a device id level after {prefix}"
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return "'#' only as the whole last level"
+        if "+" in level and level != "+":
+            return "'+' only as a whole level"
+    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

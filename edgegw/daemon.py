@@ -52,8 +52,9 @@ class Gateway:
         try:
             server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox)
             self.credentials.attach(server)  # the registry/CRL authorizer, and reload closes revoked sessions
+            # Commands from upstream (uplink.command_topic) go to the devices' sessions; "" leaves it unused.
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
-                                          ssl_context=uplink_tls)
+                                          ssl_context=uplink_tls, downlink=server.deliver_downlink)
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(outbox.run(), name="outbox-writer")
                 uplink_task = tg.create_task(uplink.run(), name="uplink")

@@ -21,7 +21,7 @@ import functools
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -43,6 +43,7 @@ from edgegw.mqtt.broker import LocalBroker
 from edgegw.mqtt.forward import forwarded, record_properties
 from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, PropertyId, ReasonCode
 from edgegw.mqtt.session import Message, Session
+from edgegw.outbox._record import OutboxFull, record_size
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 
@@ -62,7 +63,10 @@ class MQTTStats:
     protocol_errors: int = 0
     takeovers: int = 0
     publish_rejected: int = 0
-    """Refused by the outbox (full): PUBACK/PUBREC 0x97 over MQTT 5, connection closed over 3.1.1."""
+    """Refused by the outbox (full): PUBACK/PUBREC 0x97 over MQTT 5, QoS 0 dropped; 3.1.1 QoS 1/2: see held."""
+    publish_held: int = 0
+    """MQTT 3.1.1 QoS 1/2 publishes refused by a full outbox and held (not acknowledged, reading paused) until
+    there is room again (docs/OUTBOX.md)."""
     downlink_delivered: int = 0
     downlink_undeliverable: int = 0
 
@@ -241,7 +245,8 @@ class MQTTServer:
             proto.pause(reason="draining")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(p.engine.inflight for p in self._connections) and loop.time() < deadline:
+        # A publish held back for room in the outbox (3.1.1) is not waited for: it was never acknowledged.
+        while any(p.engine.inflight > p.held_inflight for p in self._connections) and loop.time() < deadline:
             await asyncio.sleep(0.01)
         self._flush_dirty()
         for proto in list(self._connections):
@@ -314,6 +319,7 @@ class DeviceProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._closed_logged = False
+        self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
@@ -360,6 +366,7 @@ class DeviceProtocol(asyncio.Protocol):
                                        f"connection lost ({type(exc).__name__})" if exc else "connection lost")
             self._log_closed(closed)
         elif self.engine.close_reason is not None:
+            self._release_held()
             self._end(self.engine.close_reason)
         self.server._forget(self)
 
@@ -373,7 +380,12 @@ class DeviceProtocol(asyncio.Protocol):
         # MQTT-3.1.2-24: close if nothing arrived for one and a half keep-alive periods.
         limit = 1.5 * self.engine.keepalive
         idle = self._loop.time() - self._last_rx
-        if idle >= limit:
+        if self._held is not None:
+            # We stopped reading (a publish held for room in the outbox): its silence says nothing. A device
+            # that gave up closes its socket, which is seen once reading resumes.
+            self._last_rx = self._loop.time()
+            self._timer = self._loop.call_later(limit, self._check_keepalive)
+        elif idle >= limit:
             self.close(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive: nothing received for {idle:.1f}s")
         else:
             self._timer = self._loop.call_later(limit - idle, self._check_keepalive)
@@ -389,13 +401,21 @@ class DeviceProtocol(asyncio.Protocol):
             self._early.append(data)
             return
         self._last_rx = self._loop.time()
-        self._process(self.engine.receive_data(data))
+        events = self.engine.receive_data(data)
+        if self._held is not None:  # read although paused (bytes the TLS layer had decrypted): queue behind it
+            self._held.rest.extend(events)
+            self.flush()
+            return
+        self._process(events)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport
 
     def _process(self, events: list[Event]) -> None:
-        for event in events:
+        for i, event in enumerate(events):
+            if self._held is not None:  # a publish is held for room in the outbox: the rest waits, in order
+                self._held.rest.extend(events[i:])
+                break
             if isinstance(event, PublishReceived):
                 self._on_publish(event)
             elif isinstance(event, ConnectRequested):
@@ -535,23 +555,39 @@ class DeviceProtocol(asyncio.Protocol):
             mei = props.values.get(PropertyId.MESSAGE_EXPIRY_INTERVAL)
             if isinstance(mei, int):
                 expires_at = self._loop.time() + mei
-        outbox = self.server._outbox
         try:
-            if publish.packet_id is None:
-                outbox.submit(device_id, event.topic, publish.payload, 0, properties=record_props)
-            else:
-                outbox.submit(device_id, event.topic, publish.payload, publish.qos,
-                              functools.partial(self._committed, publish.packet_id), record_props)
-        except OutboxError:
+            self._submit(event, record_props)
+        except OutboxError as exc:
             # Full (reject-new policy) or closing: not stored, so not acknowledged as stored and not delivered
-            # locally. MQTT 5 gets 0x97 and may retry; 3.1.1 has no negative ack, so the connection is closed and
-            # the device keeps the message. The outbox logs "outbox.full" at most every 10 s: nothing per message.
+            # locally. MQTT 5 gets 0x97 and may retry. 3.1.1 has no negative ack: the publish is held, unanswered,
+            # and the connection not read until the outbox has room (_hold). The outbox logs "outbox.full" at most
+            # every 10 s: nothing per message.
+            if (isinstance(exc, OutboxFull) and publish.packet_id is not None
+                    and self.engine.protocol_level != MQTT_5 and self._fits(event, record_props)):
+                self._hold(_Held(event, record_props, fwd, expires_at))
+                return
             self.server.stats.publish_rejected += 1
             if publish.packet_id is not None:
                 self.engine.ack_publish(publish.packet_id, ReasonCode.QUOTA_EXCEEDED)
                 if self.engine.state is ConnectionState.CLOSED:
                     self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
             return
+        self._stored(event, fwd, expires_at)
+
+    def _submit(self, event: PublishReceived, record_props: bytes | None) -> None:
+        """Into the outbox; raises OutboxError (OutboxFull) when it may not be stored."""
+        publish = event.publish
+        assert self.device_id is not None
+        if publish.packet_id is None:
+            self.server._outbox.submit(self.device_id, event.topic, publish.payload, 0, properties=record_props)
+        else:
+            self.server._outbox.submit(self.device_id, event.topic, publish.payload, publish.qos,
+                                       functools.partial(self._committed, publish.packet_id), record_props)
+
+    def _stored(self, event: PublishReceived, fwd: Properties, expires_at: float | None) -> None:
+        """After a successful submit: local subscribers, then flow control."""
+        publish = event.publish
+        outbox = self.server._outbox
         broker = self.server.broker
         if publish.retain or broker.index.count:
             broker.route(Message(event.topic, publish.payload, publish.qos, publish.retain, fwd,
@@ -562,6 +598,68 @@ class DeviceProtocol(asyncio.Protocol):
         if outbox.congested:
             self.pause(reason="outbox_congested")
             outbox.when_decongested(self._maybe_resume)
+
+    # --- 3.1.1 backpressure on a full outbox (docs/OUTBOX.md) ------------------------------------------------
+
+    def _fits(self, event: PublishReceived, record_props: bytes | None) -> bool:
+        """Could this record ever be stored? One larger than the whole byte limit never will: holding it would
+        stall the connection for good, so it is refused as before (3.1.1: closed)."""
+        assert self.device_id is not None
+        size = record_size(self.device_id, event.topic, event.publish.payload, record_props)
+        return size <= self.server._outbox.byte_limit
+
+    def _hold(self, held: _Held) -> None:
+        """Keep the refused publish unacknowledged, stop reading, and try again when the outbox has room."""
+        self._held = held
+        self.server.stats.publish_held += 1
+        self.pause(reason="outbox_full")
+        log.debug("mqtt.publish_held", device_id=self.device_id, packet_id=held.event.publish.packet_id)
+        self.server._outbox.when_room(self._retry_held)
+
+    def _retry_held(self) -> None:
+        held = self._held
+        if held is None:
+            return
+        if self.engine.state is not ConnectionState.CONNECTED:
+            self._release_held()
+            return
+        try:
+            self._submit(held.event, held.record_props)
+        except OutboxFull:
+            # Still no room for this device (e.g. its fair share): ask again a little later, so a "room" signal
+            # that does not help this device cannot turn into a busy loop.
+            self._loop.call_later(_HOLD_RETRY, self.server._outbox.when_room, self._retry_held)
+            return
+        except OutboxError:
+            return  # the outbox is closing: the gateway is draining and closes this connection
+        self._held = None
+        log.debug("mqtt.publish_released", device_id=self.device_id, packet_id=held.event.publish.packet_id)
+        self._stored(held.event, held.fwd, held.expires_at)
+        self._process(held.rest)  # may hold again
+        if self._held is None:
+            self._maybe_resume()
+
+    def _release_held(self) -> None:
+        """The connection ended with publishes held: they were never acknowledged (the device resends them).
+        Forget their packet ids, QoS 2 ones included, so a resend on a later connection is not mistaken for one
+        being committed."""
+        held = self._held
+        if held is None or self.engine.state is not ConnectionState.CLOSED:
+            return
+        self._held = None
+        for event in (held.event, *held.rest):
+            if isinstance(event, PublishReceived) and event.publish.packet_id is not None \
+                    and self.engine.awaits_ack(event.publish.packet_id):
+                self.engine.ack_publish(event.publish.packet_id, ReasonCode.QUOTA_EXCEEDED)  # closed: sends nothing
+
+    @property
+    def held_inflight(self) -> int:
+        """QoS 1/2 publishes held back (counted in ``engine.inflight``, never submitted)."""
+        held = self._held
+        if held is None:
+            return 0
+        return sum(1 for e in (held.event, *held.rest) if isinstance(e, PublishReceived)
+                   and e.publish.packet_id is not None and self.engine.awaits_ack(e.publish.packet_id))
 
     def _refuse_publish(self, packet_id: int | None, reason: ReasonCode, detail: str) -> None:
         log.warning("mqtt.publish_refused", device_id=self.device_id, reason=reason.name, detail=detail)
@@ -603,7 +701,7 @@ class DeviceProtocol(asyncio.Protocol):
             log.debug("mqtt.paused", device_id=self.device_id, reason=reason)
 
     def _maybe_resume(self) -> None:
-        if (self._paused and not self.server._draining and self.transport is not None
+        if (self._paused and self._held is None and not self.server._draining and self.transport is not None
                 and self.engine.state is ConnectionState.CONNECTED
                 and self.engine.inflight <= self.server.settings.receive_maximum // 2
                 and not self.server._outbox.congested):
@@ -645,6 +743,8 @@ class DeviceProtocol(asyncio.Protocol):
                                             ReasonCode.SUCCESS if normal else event.reason_code)
 
     def _log_closed(self, event: ConnectionClosed) -> None:
+        if self._held is not None:
+            self._release_held()
         self._end(event)
         if self._closed_logged:
             return
@@ -656,6 +756,22 @@ class DeviceProtocol(asyncio.Protocol):
         else:
             log.info("mqtt.disconnected", device_id=self.device_id or self._cn, peer=self.peer,
                      reason=event.reason_code.name, detail=event.detail, by_peer=event.by_peer)
+
+
+_HOLD_RETRY = 0.05
+"""Seconds before a held publish that was refused again asks the outbox for room again."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A 3.1.1 QoS 1/2 publish the full outbox refused, kept unacknowledged until it can be stored, and the events
+    parsed after it (processed, in order, once it is)."""
+
+    event: PublishReceived
+    record_props: bytes | None
+    fwd: Properties
+    expires_at: float | None
+    rest: list[Event] = field(default_factory=list)
 
 
 def _is_utf8(payload: bytes) -> bool:

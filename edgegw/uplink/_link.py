@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgegw.uplink._wire import _close_socket
 
@@ -53,6 +54,8 @@ class _Link:
         self.probe_next = 0
         self.probe_t = 0.0
         self.boundary = 0  # records with ids up to this are the backlog of this connection
+        self.command_mid = -1  # mid of the command-topic SUBSCRIBE
+        self.commands_subscribed = False
         self.poked = False
         self.fd = -1
         self.sock: Any = None
@@ -88,6 +91,8 @@ class _Link:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
         client.on_socket_unregister_write = self._on_unregister_write
@@ -132,6 +137,7 @@ class _Link:
         client = self.client
         client.on_socket_close = client.on_socket_register_write = client.on_socket_unregister_write = None
         client.on_connect = client.on_disconnect = client.on_publish = None
+        client.on_message = client.on_subscribe = None
         self._flush_acks()
         self.set_lost("closed")
         if not thread_done:
@@ -215,6 +221,39 @@ class _Link:
             self.window = receive_max  # paho's own limit cannot change once connected; it stays >= ours
         self.max_packet = getattr(properties, "MaximumPacketSize", None) if self.mqtt5 else None
         self.connack.set_result(None)
+        self._subscribe_commands()
+
+    # --- downlink -------------------------------------------------------------------------------------------
+
+    def _subscribe_commands(self) -> None:
+        """Every connection starts a clean session upstream: subscribe to the command filter again (QoS 1).
+        Over MQTT 5 with No Local (our own publishes never come back, even under a broad filter) and Retain
+        Handling 2 (no retained messages at subscribe: a retained command would run again at every reconnect)."""
+        topic_filter = self.uplink._settings.command_filter
+        if not topic_filter:
+            return
+        if self.mqtt5:
+            options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            rc, self.command_mid = self.client.subscribe(topic_filter, options=options)
+        else:
+            rc, self.command_mid = self.client.subscribe(topic_filter, 1)
+        if rc != _OK:
+            self.set_lost(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(rc)}")
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        if mid != self.command_mid:
+            return
+        topic_filter = self.uplink._settings.command_filter
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            self.uplink._log.warning("uplink.command_subscribe_refused", topic_filter=topic_filter,
+                                     reason=str(refused[0]), code=f"0x{refused[0].value:02x}")
+        else:
+            self.uplink._log.info("uplink.command_subscribed", topic_filter=topic_filter)
+            self.commands_subscribed = True
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self.uplink._on_command(message)  # paho acknowledges it (PUBACK) when this returns
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = str(reason)

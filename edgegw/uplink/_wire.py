@@ -3,7 +3,9 @@ sizes, and the checks that set a record aside rather than get the connection dro
 
 from __future__ import annotations
 
+import math
 import time
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -57,6 +59,64 @@ def _user_properties(record: Record) -> _PackedProperties:
     body = (_utf8_pair("edgegw-record-id", str(record.id)) + _utf8_pair("edgegw-device-id", record.device_id)
             + _utf8_pair("edgegw-received-at", iso_utc_ms(record.received_at)))
     return _PackedProperties(_varint(len(body)) + body)
+
+
+def _utf8(value: object) -> bytes:
+    """A UTF-8 Encoded String (MQTT 5 §1.5.4); ValueError for anything else (a damaged record)."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {type(value).__name__}")
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data  # OverflowError past 65535 bytes
+
+
+def _record_properties(record: Record, carried: dict[str, Any], expiry: int | None,
+                       response_topic: str | None) -> _PackedProperties:
+    """The MQTT 5 PUBLISH properties of one record: what the device sent (``carried``, the decoded record
+    properties of :mod:`edgegw.mqtt.forward`), then our user properties, then the device's own, in order.
+
+    ``expiry``: the Message Expiry Interval still left (the caller drops expired records); ``response_topic``: the
+    device's Response Topic already rewritten to the upstream namespace, or None to leave it out.
+    Raises ValueError / TypeError / OverflowError for values no PUBLISH can carry (a damaged record)."""
+    body = bytearray()
+    pfi = carried.get("pfi")
+    if pfi is not None:
+        if pfi not in (0, 1):
+            raise ValueError(f"payload format indicator {pfi!r}")
+        body += b"\x01" + bytes((pfi,))
+    if expiry is not None:
+        body += b"\x02" + expiry.to_bytes(4, "big")
+    ct = carried.get("ct")
+    if ct is not None:
+        body += b"\x03" + _utf8(ct)
+    if response_topic is not None:
+        body += b"\x08" + _utf8(response_topic)
+    cd = carried.get("cd")
+    if cd is not None:
+        if not isinstance(cd, bytes):
+            raise ValueError(f"correlation data is {type(cd).__name__}, not bytes")
+        body += b"\x09" + len(cd).to_bytes(2, "big") + cd
+    body += (_utf8_pair("edgegw-record-id", str(record.id)) + _utf8_pair("edgegw-device-id", record.device_id)
+             + _utf8_pair("edgegw-received-at", iso_utc_ms(record.received_at)))
+    for pair in carried.get("up", ()):
+        key, value = pair  # ValueError / TypeError unless a pair
+        body += b"\x26" + _utf8(key) + _utf8(value)
+    return _PackedProperties(_varint(len(body)) + bytes(body))
+
+
+def expiry_left(mei: int, received_at: float, now: float) -> int | None:
+    """Seconds of a Message Expiry Interval of ``mei`` left at ``now`` (MQTT 5 §3.3.2.3.3: the received value
+    minus the time waited), rounded up to whole seconds; None once expired. A clock that went back counts as no
+    time waited, so a message never lives longer than ``mei``."""
+    left = mei - max(0.0, now - received_at)
+    if left <= 0:
+        return None
+    return min(mei, math.ceil(left))
+
+
+def upstream_topic(prefix: str, device: str, topic: str) -> str:
+    """``devices/{device}/rest`` -> ``{prefix}/{device}/rest``; any other topic goes under ``{prefix}/{device}/``."""
+    head = f"devices/{device}/"
+    return f"{prefix}/{device}/{topic[len(head):] if topic.startswith(head) else topic}"
 
 
 def _unsendable(topic: str, payload: bytes, properties: _PackedProperties | None, max_packet: int | None) -> str | None:

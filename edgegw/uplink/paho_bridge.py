@@ -18,6 +18,7 @@ import sqlite3
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -25,6 +26,8 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
 from edgegw.config import UplinkSettings
+from edgegw.mqtt.forward import decode_record_properties
+from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
 from edgegw.outbox.store import Outbox, Record
 from edgegw.uplink._backfill import Backfill
 from edgegw.uplink._endpoints import FLAP_SECONDS, Endpoint, Endpoints
@@ -32,15 +35,21 @@ from edgegw.uplink._link import _Link
 from edgegw.uplink._wire import (
     _frame_properties,
     _packet_size,
+    _record_properties,
     _unsendable,
     _user_properties,
+    expiry_left,
     iso_utc_ms,
+    upstream_topic,
 )
 from edgegw.uplink.frames import RECORD_COST, encode_frame, record_cost
 
 __all__ = ["Uplink", "UplinkState", "iso_utc_ms"]
 
 UplinkState = Literal["connecting", "connected", "down"]
+
+Downlink = Callable[..., bool]
+"""``(device_id, topic, payload, qos, properties, *, message_expiry) -> bool``: :meth:`MQTTServer.deliver_downlink`."""
 
 _POLL_MIN, _POLL_MAX = 0.01, 1.0  # fallback polling when the outbox cannot tell us when to look again
 _FETCH_MIN, _FETCH_MAX = 256, 4096  # records per outbox read (4 windows within these bounds): one await each
@@ -51,7 +60,7 @@ class Uplink:
     """Run :meth:`run` as a task; cancel it to stop (it sends DISCONNECT if it can and releases everything)."""
 
     def __init__(self, settings: UplinkSettings, outbox: Outbox, *, client_id: str,
-                 ssl_context: ssl.SSLContext) -> None:
+                 ssl_context: ssl.SSLContext, downlink: Downlink | None = None) -> None:
         if not client_id:
             raise ValueError("client_id must not be empty")
         self._settings = settings
@@ -68,6 +77,13 @@ class Uplink:
         self.endpoint: str | None = None
         """``host:port`` of the upstream this uplink is connected to, or None."""
         self._link: _Link | None = None
+        self.downlink = downlink
+        """Where commands from ``command_topic`` go (the daemon wires ``MQTTServer.deliver_downlink``)."""
+        self.commands_delivered = 0
+        """Commands from upstream handed to a device session with a matching subscription."""
+        self.commands_undeliverable = 0
+        """Commands not delivered: no such session or subscription, a topic that names no single device, a
+        retained message, or no downlink wired."""
         self.sent = 0
         """Publishes handed to the broker (a record sent again after a reconnect counts again)."""
         self.acked = 0
@@ -81,6 +97,8 @@ class Uplink:
         """MQTT PUBLISH packet bytes handed to the broker (before TLS), records and frames alike."""
         """Successful connections after the first one."""
         self.connect_failures = 0
+        self.expired: dict[str, int] = {}
+        """Records deleted unsent because their MQTT 5 Message Expiry Interval passed, per device."""
         self.last_rtt: float | None = None
         """Seconds from PUBLISH to PUBACK of the most recent sampled message (one sample in flight at a time)."""
 
@@ -284,10 +302,33 @@ class Uplink:
         return n
 
     def _upstream_topic(self, record: Record) -> str:
+        return upstream_topic(self._settings.topic_prefix, record.device_id, record.topic)
+
+    def _carried(self, link: _Link, record: Record) -> tuple[dict[str, Any], int | None] | None:
+        """The record's MQTT 5 properties (decoded) and the Message Expiry Interval left, or None when the record
+        expired (then it is deleted and counted here). Raises ValueError for an undecodable properties blob."""
+        carried = decode_record_properties(record.properties)
+        mei = carried.get("mei")
+        if mei is None:
+            return carried, None
+        if not isinstance(mei, int) or isinstance(mei, bool) or not 0 <= mei <= 0xFFFFFFFF:
+            raise ValueError(f"message expiry interval {mei!r}")
+        left = expiry_left(mei, record.received_at, time.time())
+        if left is None:
+            self._expire(link, record, mei)
+            return None
+        return carried, left
+
+    def _expire(self, link: _Link, record: Record, mei: int) -> None:
+        """The device's Message Expiry Interval passed before the record could go up: delete it, unsent."""
         device = record.device_id
-        head = f"devices/{device}/"
-        topic = record.topic
-        return f"{self._settings.topic_prefix}/{device}/{topic[len(head):] if topic.startswith(head) else topic}"
+        self.expired[device] = self.expired.get(device, 0) + 1
+        self._outbox.ack((record.id,))
+        backfill = self._backfill
+        if backfill is not None and record.id <= link.boundary:
+            backfill.acked += 1
+        self._log.debug("uplink.record_expired", record_id=record.id, device_id=device, expiry=mei,
+                        age=round(time.time() - record.received_at, 3))
 
     def _publish_frames(self, link: _Link, live: deque[Record], backfill: Backfill | None,
                         room: int) -> tuple[int, float | None]:
@@ -305,6 +346,13 @@ class Uplink:
 
             def collect(record: Record) -> bool | None:
                 nonlocal size
+                if record.properties is not None:
+                    try:
+                        if self._carried(link, record) is None:
+                            return True  # expired: deleted, not framed (frames carry no MQTT 5 properties)
+                    except Exception as exc:  # noqa: BLE001 - a damaged blob: set it aside, as _send does
+                        self._quarantine(record.id, f"cannot decode record properties: {exc}")
+                        return True
                 topic = self._upstream_topic(record)
                 cost = record_cost(record, topic)
                 if frame and (len(frame) >= limit_n or size + cost > limit_b):
@@ -356,7 +404,19 @@ class Uplink:
         """PUBLISH one record: True if in flight, False if set aside as unsendable, None if the link failed."""
         topic = self._upstream_topic(record)
         try:
-            properties = _user_properties(record) if link.mqtt5 else None
+            if record.properties is None:
+                properties = _user_properties(record) if link.mqtt5 else None
+            else:
+                try:
+                    decoded = self._carried(link, record)
+                except Exception as exc:  # noqa: BLE001 - msgpack raises several kinds for a damaged blob
+                    raise ValueError(f"cannot decode record properties: {exc}") from None
+                if decoded is None:
+                    return False  # expired: deleted and counted
+                carried, expiry = decoded
+                properties = None
+                if link.mqtt5:
+                    properties = _record_properties(record, carried, expiry, self._response_topic(record, carried))
             problem = _unsendable(topic, record.payload, properties, link.max_packet)
             if problem is None:
                 info = link.client.publish(topic, record.payload, 1, False, properties)
@@ -373,6 +433,85 @@ class Uplink:
         if link.probe_mid == 0 and not link.probe_next:
             link.probe_next = info.mid
         return True
+
+    def _response_topic(self, record: Record, carried: dict[str, Any]) -> str | None:
+        """The device's Response Topic mapped like a topic (``devices/{id}/rest`` -> ``{prefix}/{id}/rest``);
+        None (left out) when there is none or it is not a valid topic name (MQTT-3.3.2-14: no wildcards)."""
+        rt = carried.get("rt")
+        if not isinstance(rt, str) or not rt:
+            return None
+        mapped = upstream_topic(self._settings.topic_prefix, record.device_id, rt)
+        if "+" in mapped or "#" in mapped:
+            self._log.debug("uplink.response_topic_dropped", record_id=record.id, response_topic=rt[:200])
+            return None
+        return mapped
+
+    # --- downlink -------------------------------------------------------------------------------------------
+
+    def _on_command(self, message: mqtt.MQTTMessage) -> None:
+        """A message on ``command_topic`` (on the loop thread, from paho's read): ``{prefix}/{id}/rest`` goes to
+        device ``id`` as ``devices/{id}/rest``. Never raises: the read loop must go on."""
+        try:
+            topic = message.topic
+            problem = None
+            device_id = rest = ""
+            prefix = self._settings.topic_prefix + "/"
+            if message.retain:
+                problem = "retained message"  # not a live command (Retain Handling 2 keeps these away over MQTT 5)
+            elif not topic.startswith(prefix):
+                problem = "topic outside the prefix"
+            else:
+                device_id, sep, rest = topic[len(prefix):].partition("/")
+                if not device_id or not sep or not rest:
+                    problem = "no device id level and rest"
+                elif "+" in topic or "#" in topic or device_id.startswith("$") or "\x00" in device_id:
+                    problem = "invalid device id"
+            if problem is None and self.downlink is None:
+                problem = "no downlink wired"
+            if problem is not None:
+                self.commands_undeliverable += 1
+                self._log.warning("uplink.command_refused", topic=topic[:200], reason=problem)
+                return
+            properties, expiry = self._command_properties(message)
+            device_topic = f"devices/{device_id}/{rest}"
+            assert self.downlink is not None
+            delivered = self.downlink(device_id, device_topic, bytes(message.payload), min(message.qos, 1),
+                                      properties, message_expiry=expiry)
+        except Exception:  # noqa: BLE001 - a malformed message or a bug: count it, keep the connection
+            self.commands_undeliverable += 1
+            self._log.exception("uplink.command_failed")
+            return
+        if delivered:
+            self.commands_delivered += 1
+            self._log.debug("uplink.command_delivered", device_id=device_id, topic=device_topic)
+        else:
+            self.commands_undeliverable += 1
+            self._log.info("uplink.command_undeliverable", device_id=device_id, topic=device_topic,
+                           reason="no session with a matching subscription")
+
+    def _command_properties(self, message: mqtt.MQTTMessage) -> tuple[Properties, int | None]:
+        """The MQTT 5 properties a command carries down (a Response Topic ``{prefix}/{id}/rest`` is mapped back
+        to ``devices/{id}/rest``, like the topic), and its Message Expiry Interval."""
+        props = getattr(message, "properties", None)
+        if props is None:
+            return NO_PROPERTIES, None
+        values: dict[PropertyId, int | str | bytes] = {}
+        pfi = getattr(props, "PayloadFormatIndicator", None)
+        if pfi is not None:
+            values[PropertyId.PAYLOAD_FORMAT_INDICATOR] = int(pfi)
+        ct = getattr(props, "ContentType", None)
+        if ct is not None:
+            values[PropertyId.CONTENT_TYPE] = str(ct)
+        rt = getattr(props, "ResponseTopic", None)
+        if rt is not None:
+            prefix = self._settings.topic_prefix + "/"
+            values[PropertyId.RESPONSE_TOPIC] = "devices/" + rt[len(prefix):] if rt.startswith(prefix) else rt
+        cd = getattr(props, "CorrelationData", None)
+        if cd is not None:
+            values[PropertyId.CORRELATION_DATA] = bytes(cd)
+        user = tuple((str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or ()))
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        return (Properties(values=values, user=user) if values or user else NO_PROPERTIES), expiry
 
     def _probe(self, link: _Link) -> None:
         if link.probe_mid == 0 and link.probe_next:
