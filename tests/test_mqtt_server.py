@@ -16,6 +16,7 @@ from conftest import Fleet
 from edgegw.config import ACLSettings, MQTTSettings, OutboxSettings, TLSSettings
 from edgegw.identity import server_ssl_context
 from edgegw.mqtt.forward import decode_record_properties
+from test_tracing import TRACEPARENT
 from edgegw.mqtt.packets import Properties, PropertyId
 from edgegw.mqtt.server import MQTTServer
 from edgegw.outbox.store import Outbox
@@ -89,10 +90,12 @@ async def test_v5_publish_properties_reach_the_outbox_record(harness: Harness) -
         await asyncio.to_thread(dev.close)
     first, second = records[0], records[1]
     assert first.topic == "devices/dev-00/telemetry"
-    assert decode_record_properties(first.properties) == {
+    carried = decode_record_properties(first.properties)
+    assert TRACEPARENT.fullmatch(carried.pop("tp"))  # made at ingress (tests/test_tracing.py)
+    assert carried == {
         "pfi": 1, "ct": "application/json", "rt": "devices/dev-00/resp", "cd": b"\x00\x01", "mei": 120,
         "up": [["site", "north"], ["site", "south"]]}
-    assert second.properties is None
+    assert list(decode_record_properties(second.properties)) == ["tp"]  # nothing else to carry
 
 
 async def test_topic_alias_resolved_into_the_record(harness: Harness) -> None:
@@ -105,7 +108,8 @@ async def test_topic_alias_resolved_into_the_record(harness: Harness) -> None:
     finally:
         await asyncio.to_thread(dev.close)
     assert [(r.topic, r.payload) for r in records] == [("devices/dev-01/a", b"1"), ("devices/dev-01/a", b"2")]
-    assert all(r.properties is None for r in records)  # the alias itself is not carried
+    # The alias itself is not carried: only the traceparent made at ingress.
+    assert all(list(decode_record_properties(r.properties)) == ["tp"] for r in records)
 
 
 async def test_invalid_utf8_with_payload_format_1_gets_0x99(harness: Harness) -> None:
@@ -181,7 +185,9 @@ async def test_will_goes_to_the_outbox(harness: Harness) -> None:
     dev.drop()
     records = await harness.records(1)
     assert (records[0].topic, records[0].payload) == ("devices/dev-07/status", b"offline")
-    assert decode_record_properties(records[0].properties) == {"ct": "text/plain"}
+    carried = decode_record_properties(records[0].properties)
+    assert TRACEPARENT.fullmatch(carried.pop("tp"))
+    assert carried == {"ct": "text/plain"}
 
 
 async def test_normal_disconnect_discards_the_will(harness: Harness) -> None:

@@ -19,6 +19,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgegw.config import OutboxSettings, UplinkSettings
+from edgegw.mqtt.forward import record_properties
+from edgegw.mqtt.packets import NO_PROPERTIES
 from edgegw.outbox.store import Outbox, Record
 from edgegw.tlsutil import client_ssl_context
 from edgegw.uplink import Uplink
@@ -348,7 +350,9 @@ async def test_publish_refused_by_acl_is_quarantined(
     sink = sink_factory(broker, topic="edgegw/#")
     uplink = make_uplink(uplink_settings(broker, pki), outbox)
     good = submit(outbox, ["ok"], 20)
-    bad = outbox.submit("nope", "devices/nope/telemetry", b"denied", 1)
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    bad = outbox.submit("nope", "devices/nope/telemetry", b"denied", 1,
+                        properties=record_properties(NO_PROPERTIES, tp))
     good += submit(outbox, ["ok"], 20, start=20)
     with structlog.testing.capture_logs() as logs:
         async with running(uplink):
@@ -360,6 +364,7 @@ async def test_publish_refused_by_acl_is_quarantined(
     assert await outbox.count_quarantined() == 1
     refused = [e for e in logs if e["event"] == "uplink.publish_refused"]
     assert len(refused) == 1 and refused[0]["record_id"] == bad.id and "0x87" in refused[0]["reason"]
+    assert refused[0]["trace_id"] == tp[3:35]  # the quarantined record's trace
 
 
 async def test_unsendable_records_are_quarantined_without_dropping_the_connection(

@@ -3,6 +3,7 @@ process, mosquitto upstream, a paho MQTT 5 subscriber on it). Every wait is boun
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties as PahoProperties
 
-from conftest import Fleet, LabPKI
+from conftest import Fleet, LabPKI, free_port
 from edgegw.outbox.store import Outbox, Record
 from edgegw.uplink._wire import _record_properties, expiry_left
 from mqtt_peers import PahoDevice, props
+from ops_peers import metrics, sample
 from test_uplink import eventually, make_uplink, outbox, rows_in, running, uplink_settings  # noqa: F401 (fixture)
 
 
@@ -50,11 +52,12 @@ def test_device_properties_reach_the_upstream_subscriber(fleet: Fleet, pki: LabP
         assert mp.CorrelationData == b"\x00\x01corr"
         assert 590 <= mp.MessageExpiryInterval <= 600  # what is left of it
         names = [k for k, _ in mp.UserProperty]
-        assert names[:3] == ["edgegw-record-id", "edgegw-device-id", "edgegw-received-at"]
-        assert mp.UserProperty[3:] == [("unit", "C"), ("unit", "F"), ("site", "plant-7")]  # order and repeats
-        # A publish without properties carries only ours, and no expiry.
+        assert names[:4] == ["edgegw-record-id", "edgegw-device-id", "edgegw-received-at", "traceparent"]
+        assert mp.UserProperty[4:] == [("unit", "C"), ("unit", "F"), ("site", "plant-7")]  # order and repeats
+        # A publish without properties carries only ours (a traceparent made at ingress), and no expiry.
         q = by_topic["cloud/dev-01/plain"].properties
-        assert [k for k, _ in q.UserProperty] == ["edgegw-record-id", "edgegw-device-id", "edgegw-received-at"]
+        assert [k for k, _ in q.UserProperty] == ["edgegw-record-id", "edgegw-device-id", "edgegw-received-at",
+                                                  "traceparent"]
         assert not hasattr(q, "MessageExpiryInterval")
         assert not hasattr(q, "ResponseTopic")
     finally:
@@ -67,7 +70,9 @@ def test_a_record_whose_expiry_passed_is_dropped_not_sent(fleet: Fleet, pki: Lab
     broker = mosquitto_factory(persistence=True).start()
     sink = sink_factory(broker, topic="cloud/#", persistent=True)  # its session queues what comes while it is away
     broker.stop()
-    gw = gateway_factory(broker, overrides={"log": {"level": "debug"}}).start()  # upstream down
+    admin_port = free_port()
+    gw = gateway_factory(broker, overrides={"log": {"level": "debug"},  # upstream down
+                                            "admin": {"port": admin_port}}).start()
     dev = PahoDevice(fleet.device_context("dev-02"), gw.port, "dev-02").start()
     try:
         for payload, mei in ((b"short", 1), (b"long", 3600), (b"none", None)):
@@ -80,6 +85,8 @@ def test_a_record_whose_expiry_passed_is_dropped_not_sent(fleet: Fleet, pki: Lab
         assert b"short" not in {x.payload for x in sink.snapshot()}, got
         expired = gw.wait_for_event("uplink.record_expired", device_id="dev-02", expiry=1)
         assert expired["age"] >= 1
+        assert re.fullmatch(r"[0-9a-f]{32}", expired["trace_id"])  # the record's trace (made at ingress)
+        assert sample(metrics(admin_port), "edgegw_uplink_expired_records_total") == 1
     finally:
         dev.close()
     assert gw.terminate() == 0
@@ -87,9 +94,13 @@ def test_a_record_whose_expiry_passed_is_dropped_not_sent(fleet: Fleet, pki: Lab
     assert stopped["outbox_depth"] == 0  # deleted, not left behind
 
 
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
 def test_wire_encoding_decodes_with_paho() -> None:
     record = Record(4711, "dev-01", "devices/dev-01/t", b"{}", 1, 1_700_000_000.5,
-                    msgpack.packb({"pfi": 0, "ct": "text/plain", "cd": b"\xff", "up": [["k", "v"], ["k", "w"]]}))
+                    msgpack.packb({"pfi": 0, "ct": "text/plain", "cd": b"\xff", "up": [["k", "v"], ["k", "w"]],
+                                   "tp": TP}))
     carried = msgpack.unpackb(record.properties)
     packed = _record_properties(record, carried, 42, "cloud/dev-01/r").pack()
     decoded = PahoProperties(PacketTypes.PUBLISH)
@@ -98,7 +109,8 @@ def test_wire_encoding_decodes_with_paho() -> None:
     assert decoded.ContentType == "text/plain" and decoded.ResponseTopic == "cloud/dev-01/r"
     assert decoded.CorrelationData == b"\xff"
     assert decoded.UserProperty == [("edgegw-record-id", "4711"), ("edgegw-device-id", "dev-01"),
-                                    ("edgegw-received-at", "2023-11-14T22:13:20.500Z"), ("k", "v"), ("k", "w")]
+                                    ("edgegw-received-at", "2023-11-14T22:13:20.500Z"), ("traceparent", TP),
+                                    ("k", "v"), ("k", "w")]
     # Remaining expiry: rounded up, never more than asked, None once passed (a clock that went back waits 0 s).
     assert expiry_left(10, 100.0, 100.2) == 10
     assert expiry_left(10, 100.0, 105.5) == 5

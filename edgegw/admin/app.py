@@ -74,6 +74,11 @@ UPLINK_SCHEMA = {"type": "object", "properties": {
 REFUSAL_SCHEMA = {"type": "object", "properties": {
     "time": {"type": "number"}, "event": {"type": "string"}, "device_id": {"type": "string"},
     "peer": {"type": "string"}, "reason": {"type": "string"}}}
+DEVICE_STATE_SCHEMA = {"type": "object", "required": ["device_id", "state"], "properties": {
+    "device_id": {"type": "string"}, "state": {"type": "string", "enum": ["active", "suspended"]},
+    "previous_state": {"type": "string"}, "reason": {"type": "string"},
+    "reloaded": {"type": "boolean", "description": "the gateway re-read the registry (false: see the log)"},
+    "disconnected": {"type": "boolean", "description": "a live session was closed"}}}
 ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
                 "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
 
@@ -166,6 +171,18 @@ class AdminServer:
                   {200: "disconnected", 404: "not connected"}, tag="api",
                   response_schema={"type": "object", "properties": {"device_id": {"type": "string"},
                                                                     "disconnected": {"type": "boolean"}}}),
+            Route("POST", "/api/devices/{device_id}/suspend", self.suspend,
+                  "Suspend a device in the registry (registry.path): its live session is closed (MQTT 5: DISCONNECT "
+                  "0x87 Not authorized) and reconnecting is refused until it is resumed. Optional JSON body "
+                  "{\"reason\": \"...\"}, stored in the registry and shown in the refusal.",
+                  {200: "suspended (the registry is reloaded; see reloaded and disconnected)",
+                   404: "unknown device in the registry", 409: "no registry configured, or the device is revoked"},
+                  tag="api", response_schema=DEVICE_STATE_SCHEMA),
+            Route("POST", "/api/devices/{device_id}/resume", self.resume,
+                  "Resume a suspended device in the registry: it may connect again (an active device stays active)",
+                  {200: "active", 404: "unknown device in the registry",
+                   409: "no registry configured, or the device is revoked (issue a new certificate instead)"},
+                  tag="api", response_schema=DEVICE_STATE_SCHEMA),
             Route("GET", "/api/outbox", self.outbox, "Outbox statistics", {200: "outbox"}, tag="api",
                   response_schema=OUTBOX_SCHEMA),
             Route("GET", "/api/quarantine", self.quarantine, "Records the upstream refused or that could not be "
@@ -255,6 +272,61 @@ class AdminServer:
             return Response.error(404, f"device {device_id!r} is not connected")
         log.info("admin.device_disconnected", device_id=device_id)
         return Response.json({"device_id": device_id, "disconnected": True})
+
+    async def suspend(self, request: Request) -> Response:
+        body = request.json()
+        reason = body.get("reason", "") if isinstance(body, dict) else ""
+        if not isinstance(reason, str):
+            raise ValueError("reason must be a string")
+        return await self._set_state(request.params["device_id"], "suspended", reason[:500])
+
+    async def resume(self, request: Request) -> Response:
+        return await self._set_state(request.params["device_id"], "active", "")
+
+    async def _set_state(self, device_id: str, target: str, reason: str) -> Response:
+        """Suspend or resume in the registry (a worker thread: SQLite may wait for `pki batch`'s lock), then
+        reload it so the gateway acts at once (suspend: the live session is closed by the reload)."""
+        from edgegw.mqtt.packets import ReasonCode
+        from edgegw.registry import DeviceState, Registry, RegistryError
+
+        path = self.gateway.config.registry.path
+        if path is None:
+            return Response.error(409, "no device registry configured (registry.path)")
+
+        def change() -> tuple[str, str] | str:
+            with Registry.open(path, create=False) as registry:
+                device = registry.find(device_id)
+                if device is None:
+                    return "unknown"
+                if device.state is DeviceState.REVOKED:
+                    return "revoked"
+                if str(device.state) == target:
+                    return target, target
+                _, before = registry.set_state(device_id, DeviceState(target), reason)
+                return target, str(before)
+
+        try:
+            outcome = await asyncio.to_thread(change)
+        except RegistryError as exc:
+            return Response.error(409, str(exc))
+        if outcome == "unknown":
+            return Response.error(404, f"device {device_id!r} is not in the registry")
+        if outcome == "revoked":
+            return Response.error(409, f"device {device_id!r} is revoked: issue a new certificate to bring it back")
+        state, previous = outcome
+        server = self.gateway.server
+        was_live = server is not None and device_id in (getattr(server, "devices", None) or {})
+        hook = getattr(self.gateway, "reload", None)
+        reloaded = bool(hook(trigger="admin-api") if callable(hook) else False)
+        if target == "suspended" and was_live and server is not None:
+            # The reload closed the session (0x87); if it was refused (bad TLS material) this closes it (no-op else).
+            server.disconnect_device(device_id, ReasonCode.NOT_AUTHORIZED, "device is suspended (admin API)")
+        disconnected = target == "suspended" and was_live
+        log.info("admin.device_" + ("suspended" if target == "suspended" else "resumed"), device_id=device_id,
+                 previous_state=previous, reason=reason or None, reloaded=reloaded)
+        return Response.json({"device_id": device_id, "state": state, "previous_state": previous,
+                              "reason": reason, "reloaded": reloaded,
+                              **({"disconnected": disconnected} if target == "suspended" else {})})
 
     async def _outbox(self) -> dict[str, Any]:
         outbox = self.gateway.outbox

@@ -11,7 +11,9 @@ key         msgpack type        meaning (MQTT 5 §3.3.2.3)
 ``"cd"``    bin                 Correlation Data
 ``"mei"``   int                 Message Expiry Interval in seconds as received; the message expires at
                                 ``received_at + mei`` (the uplink sends the remainder, drops it after)
-``"up"``    array of [str,str]  User Properties in order, repeats allowed
+``"up"``    array of [str,str]  User Properties in order, repeats allowed (a ``traceparent`` one moves to ``tp``)
+``"tp"``    str                 W3C ``traceparent`` (55 chars, :mod:`edgegw.tracing`): the device's or made at
+                                ingress; absent in records written before tracing and in saved sessions
 ==========  ==================  =====================================================================
 
 The topic alias, subscription identifiers and anything else the device sent are not carried.
@@ -24,6 +26,7 @@ from typing import Any
 import msgpack
 
 from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
+from edgegw.tracing import TRACEPARENT
 
 _FORWARDED = (PropertyId.PAYLOAD_FORMAT_INDICATOR, PropertyId.MESSAGE_EXPIRY_INTERVAL, PropertyId.CONTENT_TYPE,
               PropertyId.RESPONSE_TOPIC, PropertyId.CORRELATION_DATA)
@@ -48,13 +51,25 @@ def forwarded(props: Properties) -> Properties:
     return Properties(values=values, user=props.user)
 
 
-def record_properties(props: Properties) -> bytes | None:
-    """msgpack for the outbox record (schema above), or None when nothing is to be carried."""
+_TP_ONLY = b"\x81\xa2tp\xd9\x37"
+"""msgpack of ``{"tp": <str of 55 bytes>}`` up to the string's bytes: the common record, built without msgpack."""
+
+
+def record_properties(props: Properties, tp: str | None = None) -> bytes | None:
+    """msgpack for the outbox record (schema above), or None when nothing is to be carried. ``tp``: a normalised
+    55-character traceparent (:mod:`edgegw.tracing`) to store, None for none (saved sessions)."""
     if not props:
-        return None
+        return _TP_ONLY + tp.encode() if tp is not None else None
     out: dict[str, Any] = {key: props.values[pid] for pid, key in _KEYS.items() if pid in props.values}
     if props.user:
-        out["up"] = [list(pair) for pair in props.user]
+        if tp is None:
+            out["up"] = [list(pair) for pair in props.user]
+        else:
+            up = [list(pair) for pair in props.user if pair[0] != TRACEPARENT]
+            if up:
+                out["up"] = up
+    if tp is not None:
+        out["tp"] = tp
     return msgpack.packb(out, use_bin_type=True) if out else None
 
 

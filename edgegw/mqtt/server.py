@@ -46,6 +46,7 @@ from edgegw.mqtt.session import Message, Session
 from edgegw.outbox._record import OutboxFull, record_size
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
+from edgegw.tracing import from_payload, from_user_properties, new_traceparent
 
 log = structlog.get_logger("edgegw.mqtt")
 
@@ -69,6 +70,10 @@ class MQTTStats:
     there is room again (docs/OUTBOX.md)."""
     downlink_delivered: int = 0
     downlink_undeliverable: int = 0
+    publish_received_by_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """``publish_received`` by QoS (index 0, 1, 2)."""
+    publish_acked_by_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """``publish_acked`` by QoS (1, 2; QoS 0 has no acknowledgement and stays 0)."""
 
 
 Authorizer = Callable[[DeviceIdentity], str | None]
@@ -196,12 +201,13 @@ class MQTTServer:
     def _publish_will(self, key: str, message: Message) -> None:
         """A device's will (its ACL was checked at CONNECT): into the outbox and to local subscribers."""
         device_id = key[len(LAB_PREFIX):] if key.startswith(LAB_PREFIX) else key
-        log.info("mqtt.will_published", device_id=device_id, topic=message.topic)
+        tp = new_traceparent()
+        log.info("mqtt.will_published", device_id=device_id, topic=message.topic, trace_id=tp[3:35])
         try:
             self._outbox.submit(device_id, message.topic, message.payload, message.qos,
-                                properties=record_properties(message.properties))
+                                properties=record_properties(message.properties, tp))
         except OutboxError as exc:
-            log.warning("mqtt.will_not_recorded", device_id=device_id, reason=str(exc))
+            log.warning("mqtt.will_not_recorded", device_id=device_id, reason=str(exc), trace_id=tp[3:35])
         self.broker.route(message)
 
     def disconnect_device(self, device_id: str, reason: ReasonCode, detail: str) -> bool:
@@ -531,10 +537,25 @@ class DeviceProtocol(asyncio.Protocol):
         device_id = self.device_id
         assert device_id is not None
         publish = event.publish
-        self.server.stats.publish_received += 1
+        stats = self.server.stats
+        stats.publish_received += 1
+        stats.publish_received_by_qos[publish.qos] += 1
+        props = publish.properties
+        # W3C trace context (edgegw/tracing.py): the device's, else a new one. Cheap: a scan of the user
+        # properties, a JSON parse only for a small "{" payload that names the field.
+        tp = None
+        if props and props.user:
+            tp = from_user_properties(props.user)
+        if tp is None:
+            payload = publish.payload
+            if payload[:1] == b"{":
+                tp = from_payload(payload)
+            if tp is None:
+                tp = new_traceparent()
         if not self.acl.may_publish(device_id, event.topic):
-            self.server.stats.publish_denied += 1
-            log.warning("mqtt.publish_denied", device_id=device_id, topic=event.topic, reason="acl")
+            stats.publish_denied += 1
+            log.warning("mqtt.publish_denied", device_id=device_id, topic=event.topic, reason="acl",
+                        trace_id=tp[3:35])
             if publish.packet_id is not None:
                 self.engine.ack_publish(publish.packet_id, ReasonCode.NOT_AUTHORIZED)  # 3.1.1: closes
             elif self.engine.protocol_level != MQTT_5:
@@ -542,19 +563,18 @@ class DeviceProtocol(asyncio.Protocol):
             if self.engine.state is ConnectionState.CLOSED:
                 self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
             return
-        props = publish.properties
         fwd = NO_PROPERTIES
-        record_props = None
         expires_at = None
         if props:
             if props.values.get(PropertyId.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(publish.payload):
-                self._refuse_publish(publish.packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8")
+                self._refuse_publish(publish.packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8",
+                                     tp[3:35])
                 return
             fwd = forwarded(props)
-            record_props = record_properties(props)
             mei = props.values.get(PropertyId.MESSAGE_EXPIRY_INTERVAL)
             if isinstance(mei, int):
                 expires_at = self._loop.time() + mei
+        record_props = record_properties(props, tp)
         try:
             self._submit(event, record_props)
         except OutboxError as exc:
@@ -582,7 +602,8 @@ class DeviceProtocol(asyncio.Protocol):
             self.server._outbox.submit(self.device_id, event.topic, publish.payload, 0, properties=record_props)
         else:
             self.server._outbox.submit(self.device_id, event.topic, publish.payload, publish.qos,
-                                       functools.partial(self._committed, publish.packet_id), record_props)
+                                       functools.partial(self._committed, publish.packet_id, publish.qos),
+                                       record_props)
 
     def _stored(self, event: PublishReceived, fwd: Properties, expires_at: float | None) -> None:
         """After a successful submit: local subscribers, then flow control."""
@@ -661,8 +682,10 @@ class DeviceProtocol(asyncio.Protocol):
         return sum(1 for e in (held.event, *held.rest) if isinstance(e, PublishReceived)
                    and e.publish.packet_id is not None and self.engine.awaits_ack(e.publish.packet_id))
 
-    def _refuse_publish(self, packet_id: int | None, reason: ReasonCode, detail: str) -> None:
-        log.warning("mqtt.publish_refused", device_id=self.device_id, reason=reason.name, detail=detail)
+    def _refuse_publish(self, packet_id: int | None, reason: ReasonCode, detail: str,
+                        trace_id: str | None = None) -> None:
+        log.warning("mqtt.publish_refused", device_id=self.device_id, reason=reason.name, detail=detail,
+                    trace_id=trace_id)
         if packet_id is not None:
             self.engine.ack_publish(packet_id, reason)  # 3.1.1: closes
         else:
@@ -670,11 +693,13 @@ class DeviceProtocol(asyncio.Protocol):
         if self.engine.state is ConnectionState.CLOSED:
             self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
 
-    def _committed(self, packet_id: int, ok: bool) -> None:
+    def _committed(self, packet_id: int, qos: int, ok: bool) -> None:
         reason = ReasonCode.SUCCESS if ok else ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
         if ok:
             self.engine.ack_publish(packet_id)
-            self.server.stats.publish_acked += 1
+            stats = self.server.stats
+            stats.publish_acked += 1
+            stats.publish_acked_by_qos[qos] += 1
         else:
             # Not durable, so not acknowledged: the device keeps the message and resends after reconnecting.
             self.engine.ack_publish(packet_id, reason)

@@ -233,20 +233,26 @@ class GatewayCollector(Collector):
                                       labels=["protocol", "qos"])
         msgs_acked = CounterMetricFamily("edgegw_messages_acknowledged", "Device publishes acknowledged after "
                                          "their outbox commit", labels=["protocol", "qos"])
-        by_qos_in = getattr(stats, "publish_received_by_qos", None)
-        by_qos_acked = getattr(stats, "publish_acked_by_qos", None)
-        if isinstance(by_qos_in, dict) and by_qos_in:
-            for qos, n in sorted(by_qos_in.items()):
-                msgs_in.add_metric(["mqtt", str(qos)], n)
-        else:  # MQTTStats counts all QoS together (for now): one series labelled qos="all"
-            msgs_in.add_metric(["mqtt", "all"], _num(stats, "publish_received") or 0)
-        if isinstance(by_qos_acked, dict) and by_qos_acked:
-            for qos, n in sorted(by_qos_acked.items()):
-                msgs_acked.add_metric(["mqtt", str(qos)], n)
-        else:
-            msgs_acked.add_metric(["mqtt", "all"], _num(stats, "publish_acked") or 0)
+        # MQTTStats counts by QoS in small lists indexed by QoS; acknowledged exists for QoS 1 and 2 only.
+        for fam, by_qos_name, total_name, levels in (
+                (msgs_in, "publish_received_by_qos", "publish_received", (0, 1, 2)),
+                (msgs_acked, "publish_acked_by_qos", "publish_acked", (1, 2))):
+            by_qos = getattr(stats, by_qos_name, None)
+            if isinstance(by_qos, list | tuple) and len(by_qos) == 3:
+                for qos in levels:
+                    fam.add_metric(["mqtt", str(qos)], by_qos[qos])
+            else:  # an MQTTStats without the split: one series labelled qos="all"
+                fam.add_metric(["mqtt", "all"], _num(stats, total_name) or 0)
         yield msgs_in
         yield msgs_acked
+        yield CounterMetricFamily("edgegw_messages_held", "MQTT 3.1.1 QoS 1/2 publishes held unacknowledged (reading "
+                                  "paused) because the outbox was full", value=_num(stats, "publish_held") or 0)
+        # Rate limits per device arrive with the policy issue; the series exists now (always 0) so dashboards and
+        # alerts can be written against it.
+        hits = CounterMetricFamily("edgegw_rate_limit_hits", "Publishes refused or delayed by a per-device rate "
+                                   "limit (no rate limits yet: always 0)", labels=["protocol"])
+        hits.add_metric(["mqtt"], 0)
+        yield hits
         for name, help_text in (("downlink_delivered", "Messages delivered to devices (local subscriptions, "
                                  "downlink)"),
                                 ("downlink_undeliverable", "Downlink messages for devices that are not connected")):
@@ -330,6 +336,14 @@ class GatewayCollector(Collector):
                 yield CounterMetricFamily(f"edgegw_uplink_{name}", help_text, value=_num(uplink, name) or 0)
             yield CounterMetricFamily("edgegw_uplink_sent_bytes", "MQTT PUBLISH bytes handed to the upstream",
                                       value=_num(uplink, "bytes_sent") or 0)
+            yield CounterMetricFamily("edgegw_uplink_expired_records", "Records whose device-set Message Expiry "
+                                      "Interval passed before they could go up (deleted unsent)",
+                                      value=_num(uplink, "expired") or 0)
+            commands = CounterMetricFamily("edgegw_uplink_commands", "Commands from upstream (uplink.command_topic), "
+                                           "by outcome", labels=["outcome"])
+            commands.add_metric(["delivered"], _num(uplink, "commands_delivered") or 0)
+            commands.add_metric(["undeliverable"], _num(uplink, "commands_undeliverable") or 0)
+            yield commands
 
         # --- process
         yield GaugeMetricFamily("edgegw_event_loop_lag_seconds", "How late the 1 s sampler woke up, last time",

@@ -47,6 +47,7 @@ from edgegw.outbox._record import (
 )
 from edgegw.outbox._schema import RECORD_OVERHEAD, SCHEMA_VERSION, Opened, open_database
 from edgegw.outbox._upkeep import _DISK_CHECK_EVERY, _EXPIRE_EVERY, _GONE, _IDS, Upkeep, _statvfs_free
+from edgegw.tracing import trace_id_of
 
 __all__ = ["CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD", "SCHEMA_VERSION",
            "PRIORITY_BULK", "PRIORITY_TELEMETRY", "PRIORITY_ALARM", "MAX_PRIORITY", "record_size"]
@@ -59,6 +60,8 @@ FAIR_SHARE_FROM = 0.9
 evicted first, so the last 10 % stays for the quiet devices."""
 ROOM_AGAIN_BELOW = 0.85
 """:meth:`Outbox.when_room` callbacks run once the fill is below this (hysteresis below FAIR_SHARE_FROM)."""
+_TRACE_IDS_LOGGED = 20
+"""At most this many trace ids of a failed group commit are logged (``outbox.commit_failed``)."""
 _INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
            " VALUES (?,?,?,?,?,?,?,?,?)")
 _COLUMNS = "id, device_id, topic, payload, qos, received_at, properties, priority"
@@ -315,7 +318,9 @@ class Outbox(Upkeep):
         except sqlite3.Error as exc:
             ok = False
             self._log.error("outbox.commit_failed", path=str(self._settings.path), error=str(exc),
-                            records=len(group), deletes=len(deletes))
+                            records=len(group), deletes=len(deletes),
+                            trace_ids=[t for t in (trace_id_of(r.properties) for r, _, _ in group[:_TRACE_IDS_LOGGED])
+                                       if t is not None])
             for statement in ("ROLLBACK", "BEGIN"):
                 try:
                     await self._writer.execute(statement)

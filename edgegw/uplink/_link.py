@@ -13,9 +13,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edgegw.tracing import trace_id_of
 from edgegw.uplink._wire import _close_socket
 
 if TYPE_CHECKING:
+    from edgegw.outbox.store import Record
     from edgegw.uplink.paho_bridge import Uplink
 
 _MISC_INTERVAL = 1.0  # paho's loop_misc: keepalive pings and PINGRESP timeout
@@ -44,7 +46,7 @@ class _Link:
         self.paho_log = _LastError()
         client.enable_logger(self.paho_log)
         self.client = client  # no callbacks yet: connect() runs in another thread, callbacks touch loop objects
-        self.inflight: dict[int, int | list[int]] = {}  # paho mid -> record id, or the ids of a frame
+        self.inflight: dict[int, Record | list[Record]] = {}  # paho mid -> the record, or the records of a frame
         self.acks: list[int] = []  # acknowledged record ids, handed to the outbox once per socket read
         self.connack: asyncio.Future[str | None] = loop.create_future()  # None: accepted; else why refused
         self.lost: asyncio.Future[str] = loop.create_future()
@@ -268,13 +270,15 @@ class _Link:
         carried = self.inflight.pop(mid, None)
         if carried is None:
             return
-        ids = carried if isinstance(carried, list) else (carried,)  # a frame carries a list of record ids
+        records = carried if isinstance(carried, list) else (carried,)  # a frame carries a list of records
         if reason.value >= 0x80:
             text = f"PUBACK {reason} (0x{reason.value:02x})"
             reason_string = getattr(properties, "ReasonString", None)
-            for record_id in ids:
-                self.uplink._quarantine(record_id, f"{text}: {reason_string}" if reason_string else text)
+            for record in records:
+                self.uplink._quarantine(record.id, f"{text}: {reason_string}" if reason_string else text,
+                                        trace_id_of(record.properties))
         else:
+            ids = [record.id for record in carried] if isinstance(carried, list) else (carried.id,)
             self.acks.extend(ids)
             self.uplink.acked += len(ids)
             backfill = self.uplink._backfill

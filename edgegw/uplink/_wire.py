@@ -72,7 +72,8 @@ def _utf8(value: object) -> bytes:
 def _record_properties(record: Record, carried: dict[str, Any], expiry: int | None,
                        response_topic: str | None) -> _PackedProperties:
     """The MQTT 5 PUBLISH properties of one record: what the device sent (``carried``, the decoded record
-    properties of :mod:`edgegw.mqtt.forward`), then our user properties, then the device's own, in order.
+    properties of :mod:`edgegw.mqtt.forward`), then our user properties (``traceparent`` from ``tp`` last of them),
+    then the device's own, in order.
 
     ``expiry``: the Message Expiry Interval still left (the caller drops expired records); ``response_topic``: the
     device's Response Topic already rewritten to the upstream namespace, or None to leave it out.
@@ -97,6 +98,9 @@ def _record_properties(record: Record, carried: dict[str, Any], expiry: int | No
         body += b"\x09" + len(cd).to_bytes(2, "big") + cd
     body += (_utf8_pair("edgegw-record-id", str(record.id)) + _utf8_pair("edgegw-device-id", record.device_id)
              + _utf8_pair("edgegw-received-at", iso_utc_ms(record.received_at)))
+    tp = carried.get("tp")
+    if tp is not None:
+        body += b"\x26\x00\x0btraceparent" + _utf8(tp)  # W3C trace context (edgegw/tracing.py)
     for pair in carried.get("up", ()):
         key, value = pair  # ValueError / TypeError unless a pair
         body += b"\x26" + _utf8(key) + _utf8(value)

@@ -5,12 +5,14 @@ MQTT 5 it also carries the user property ``edgegw-frame`` = ``msgpack/1`` or ``m
 msgpack map (zlib-deflated when compressed)::
 
     {"v": 1,
-     "fields": ["id", "device_id", "topic", "received_at", "priority", "payload"],
-     "records": [[4711, "dev-01", "edgegw/dev-01/telemetry", 1700000000.123, 1, b"..."], ...]}
+     "fields": ["id", "device_id", "topic", "received_at", "priority", "payload", "traceparent"],
+     "records": [[4711, "dev-01", "edgegw/dev-01/telemetry", 1700000000.123, 1, b"...", "00-...-01"], ...]}
 
 ``id`` is the outbox record id, stable across resends: the cloud deduplicates on it. ``topic`` is the upstream topic
-the record would have had on its own. The frame's PUBACK acknowledges every record in it; a frame refused upstream
-(PUBACK >= 0x80) quarantines all its records.
+the record would have had on its own. ``traceparent`` is the record's W3C trace context (edgegw/tracing.py), nil
+for records stored before tracing; a reader should go by ``fields``, not by position (fields may be added).
+The frame's PUBACK acknowledges every record in it; a frame refused upstream (PUBACK >= 0x80) quarantines all its
+records.
 """
 
 from __future__ import annotations
@@ -23,20 +25,23 @@ import msgpack
 from edgegw.outbox.store import Record
 
 FRAME_VERSION = 1
-FIELDS = ("id", "device_id", "topic", "received_at", "priority", "payload")
+FIELDS = ("id", "device_id", "topic", "received_at", "priority", "payload", "traceparent")
 RECORD_COST = 32
 """Bytes of msgpack framing counted per record on top of payload, topic and device id (an upper bound)."""
 
 
-def record_cost(record: Record, topic: str) -> int:
-    return len(record.payload) + len(topic) + len(record.device_id) + RECORD_COST
+def record_cost(record: Record, topic: str, traceparent: str | None = None) -> int:
+    return (len(record.payload) + len(topic) + len(record.device_id) + RECORD_COST
+            + (len(traceparent) + 2 if traceparent is not None else 0))
 
 
-def encode_frame(records: list[tuple[Record, str]], compress: bool) -> bytes:
+def encode_frame(records: list[tuple[Record, str, str | None]], compress: bool) -> bytes:
+    """``records``: (record, upstream topic, traceparent or None)."""
     body = msgpack.packb({
         "v": FRAME_VERSION,
         "fields": list(FIELDS),
-        "records": [[r.id, r.device_id, topic, r.received_at, r.priority, r.payload] for r, topic in records],
+        "records": [[r.id, r.device_id, topic, r.received_at, r.priority, r.payload, tp]
+                    for r, topic, tp in records],
     }, use_bin_type=True)
     return zlib.compress(body, 6) if compress else body
 

@@ -29,6 +29,7 @@ from edgegw.config import UplinkSettings
 from edgegw.mqtt.forward import decode_record_properties
 from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
 from edgegw.outbox.store import Outbox, Record
+from edgegw.tracing import trace_id
 from edgegw.uplink._backfill import Backfill
 from edgegw.uplink._endpoints import FLAP_SECONDS, Endpoint, Endpoints
 from edgegw.uplink._link import _Link
@@ -315,11 +316,11 @@ class Uplink:
             raise ValueError(f"message expiry interval {mei!r}")
         left = expiry_left(mei, record.received_at, time.time())
         if left is None:
-            self._expire(link, record, mei)
+            self._expire(link, record, mei, trace_id(carried.get("tp")))
             return None
         return carried, left
 
-    def _expire(self, link: _Link, record: Record, mei: int) -> None:
+    def _expire(self, link: _Link, record: Record, mei: int, trace: str | None) -> None:
         """The device's Message Expiry Interval passed before the record could go up: delete it, unsent."""
         device = record.device_id
         self.expired[device] = self.expired.get(device, 0) + 1
@@ -328,7 +329,7 @@ class Uplink:
         if backfill is not None and record.id <= link.boundary:
             backfill.acked += 1
         self._log.debug("uplink.record_expired", record_id=record.id, device_id=device, expiry=mei,
-                        age=round(time.time() - record.received_at, 3))
+                        age=round(time.time() - record.received_at, 3), trace_id=trace)
 
     def _publish_frames(self, link: _Link, live: deque[Record], backfill: Backfill | None,
                         room: int) -> tuple[int, float | None]:
@@ -341,23 +342,28 @@ class Uplink:
         frames = 0
         delay: float | None = None
         while frames < room:
-            frame: list[tuple[Record, str]] = []
+            frame: list[tuple[Record, str, str | None]] = []
             size = 0
 
             def collect(record: Record) -> bool | None:
                 nonlocal size
+                tp = None
                 if record.properties is not None:
                     try:
-                        if self._carried(link, record) is None:
-                            return True  # expired: deleted, not framed (frames carry no MQTT 5 properties)
+                        decoded = self._carried(link, record)
                     except Exception as exc:  # noqa: BLE001 - a damaged blob: set it aside, as _send does
                         self._quarantine(record.id, f"cannot decode record properties: {exc}")
                         return True
+                    if decoded is None:
+                        return True  # expired: deleted, not framed (frames carry no MQTT 5 properties)
+                    tp = decoded[0].get("tp")
+                    if not isinstance(tp, str):
+                        tp = None
                 topic = self._upstream_topic(record)
-                cost = record_cost(record, topic)
+                cost = record_cost(record, topic, tp)
                 if frame and (len(frame) >= limit_n or size + cost > limit_b):
                     return None  # full: the record stays first for the next frame
-                frame.append((record, topic))
+                frame.append((record, topic, tp))
                 size += cost
                 return True
 
@@ -375,7 +381,7 @@ class Uplink:
         self._probe(link)
         return frames, delay
 
-    def _send_frame(self, link: _Link, frame: list[tuple[Record, str]]) -> bool:
+    def _send_frame(self, link: _Link, frame: list[tuple[Record, str, str | None]]) -> bool:
         """PUBLISH one frame; False if the link failed."""
         s = self._settings
         compress = s.batch_compression == "zlib"
@@ -384,16 +390,15 @@ class Uplink:
         properties = _frame_properties(compress, len(frame)) if link.mqtt5 else None
         problem = _unsendable(topic, payload, properties, link.max_packet)
         if problem is not None:
-            for record, _ in frame:  # only a single oversized record can get here
-                self._quarantine(record.id, f"cannot publish upstream in a frame: {problem}")
+            for record, _, tp in frame:  # only a single oversized record can get here
+                self._quarantine(record.id, f"cannot publish upstream in a frame: {problem}", trace_id(tp))
             return True
         info = link.client.publish(topic, payload, 1, False, properties)
         if info.rc != _OK:
             link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return False
-        ids = [record.id for record, _ in frame]
-        link.inflight[info.mid] = ids
-        self.sent += len(ids)
+        link.inflight[info.mid] = [record for record, _, _ in frame]
+        self.sent += len(frame)
         self.frames_sent += 1
         self.bytes_sent += _packet_size(topic, payload, properties)
         if link.probe_mid == 0 and not link.probe_next:
@@ -403,6 +408,7 @@ class Uplink:
     def _send(self, link: _Link, record: Record) -> bool | None:
         """PUBLISH one record: True if in flight, False if set aside as unsendable, None if the link failed."""
         topic = self._upstream_topic(record)
+        carried: dict[str, Any] = {}
         try:
             if record.properties is None:
                 properties = _user_properties(record) if link.mqtt5 else None
@@ -423,12 +429,13 @@ class Uplink:
         except (ValueError, TypeError, OverflowError) as exc:
             problem = str(exc)
         if problem is not None:  # sending it again would fail again: set it aside, keep the queue moving
-            self._quarantine(record.id, f"cannot publish upstream to {topic[:200]!r}: {problem}")
+            self._quarantine(record.id, f"cannot publish upstream to {topic[:200]!r}: {problem}",
+                             trace_id(carried.get("tp")))
             return False
         if info.rc != _OK:
             link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return None
-        link.inflight[info.mid] = record.id
+        link.inflight[info.mid] = record
         self.bytes_sent += _packet_size(topic, record.payload, properties)
         if link.probe_mid == 0 and not link.probe_next:
             link.probe_next = info.mid
@@ -531,10 +538,10 @@ class Uplink:
             return None
         return self._backfill.eta()
 
-    def _quarantine(self, record_id: int, reason: str) -> None:
+    def _quarantine(self, record_id: int, reason: str, trace: str | None = None) -> None:
         self.refused += 1
         self._outbox.quarantine(record_id, reason)
-        self._log.warning("uplink.publish_refused", record_id=record_id, reason=reason)
+        self._log.warning("uplink.publish_refused", record_id=record_id, reason=reason, trace_id=trace)
 
 
 class _ServerName:
