@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edgegw.config import ACLSettings
@@ -58,32 +59,29 @@ class ACL:
         return cls((), (), open=True)
 
     def may_publish(self, device_id: str, topic: str) -> bool:
-        # $-topics are the broker's (MQTT-4.7.2-1); a device never publishes into them.
-        if topic.startswith("$"):
-            return False
-        if self.open:
-            return True
-        if not _safe_id(device_id):
-            return False
-        parts = tuple(topic.split("/"))
-        for pattern in self.publish_patterns:
-            allowed = tuple(device_id if p == "{device_id}" else p for p in pattern)
-            if topic_matches(allowed, parts):
-                return True
-        return False
+        return self._allowed(device_id, topic, self.publish_patterns, _topic_in_pattern)
 
     def may_subscribe(self, device_id: str, topic_filter: str) -> bool:
         """``topic_filter`` without any ``$share/{group}/`` prefix. Every topic it can match must be allowed,
         so deliveries need no further check."""
-        if topic_filter.startswith("$"):
-            return False  # no $SYS or other broker topics here
+        return self._allowed(device_id, topic_filter, self.subscribe_patterns, filter_within)
+
+    def _allowed(self, device_id: str, subject: str, patterns: tuple[tuple[str, ...], ...],
+                 within: Callable[[tuple[str, ...], tuple[str, ...]], bool]) -> bool:
+        # $-topics are the broker's (MQTT-4.7.2-1): a device neither publishes into them nor subscribes to them.
+        if subject.startswith("$"):
+            return False
         if self.open:
             return True
         if not _safe_id(device_id):
             return False
-        parts = tuple(topic_filter.split("/"))
-        for pattern in self.subscribe_patterns:
+        parts = tuple(subject.split("/"))
+        for pattern in patterns:
             allowed = tuple(device_id if p == "{device_id}" else p for p in pattern)
-            if filter_within(parts, allowed):
+            if within(parts, allowed):
                 return True
         return False
+
+
+def _topic_in_pattern(topic: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    return topic_matches(pattern, topic)
