@@ -316,6 +316,29 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TracingSettings:
+    """Optional OpenTelemetry span export (edgegw/ops/otel.py); the W3C traceparent is carried either way."""
+
+    exporter: Literal["none", "otlp-http"] = "none"
+    """``otlp-http``: spans edgegw.ingress and edgegw.uplink per record over OTLP HTTP/protobuf; needs
+    ``pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http``. ``none``: nothing is imported."""
+    endpoint: str = ""
+    """The OTLP traces URL, e.g. ``http://127.0.0.1:4318/v1/traces``; "": the OTEL_EXPORTER_OTLP_* environment
+    or the SDK default."""
+    service_name: str = "edgegw"
+    sample_ratio: float = 1.0
+    """Share of trace ids exported, 0.0 .. 1.0 (decided on the trace id: a trace is exported whole or not)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            raise ConfigError("tracing.sample_ratio", f"must be 0.0 .. 1.0, got {self.sample_ratio}")
+        if not self.service_name:
+            raise ConfigError("tracing.service_name", "must not be empty")
+        if self.endpoint and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError("tracing.endpoint", f"expected an http:// or https:// URL, got {self.endpoint!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     tls: TLSSettings
@@ -326,6 +349,7 @@ class Config:
     registry: RegistrySettings = field(default_factory=RegistrySettings)
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    tracing: TracingSettings = field(default_factory=TracingSettings)
     source: Path | None = None
     """The file this was loaded from (not a config key)."""
 
@@ -344,6 +368,7 @@ _SECTIONS: dict[str, type] = {
     "registry": RegistrySettings,
     "log": LogSettings,
     "admin": AdminSettings,
+    "tracing": TracingSettings,
 }
 
 

@@ -19,6 +19,7 @@ from edgegw.admin import AdminServer
 from edgegw.config import Config
 from edgegw.errors import ConfigError
 from edgegw.mqtt.server import MQTTServer
+from edgegw.ops import otel
 from edgegw.ops.notify import SystemdNotifier
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
@@ -40,6 +41,8 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.server: MQTTServer | None = None
         self.uplink: Uplink | None = None
+        self.otel: otel.Spans | None = None
+        """OpenTelemetry span export ([tracing]); None when off (the default)."""
         self.credentials = Credentials(config.tls, config.registry)
         """Device-facing TLS material, CRL and registry; reloaded on SIGHUP / file change (edgegw/registry/reload.py)."""
 
@@ -48,13 +51,15 @@ class Gateway:
         device_tls = _load_tls("tls", self.credentials.load)
         uplink_tls = _load_tls("uplink", lambda: client_ssl_context(
             config.uplink.ca, config.uplink.cert, config.uplink.key))
+        spans = self.otel = otel.build(config.tracing, config.gateway.id)  # None unless [tracing] exporter is set
         outbox = self.outbox = await Outbox.open(config.outbox)
         try:
-            server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox)
+            server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox,
+                                              otel=spans)
             self.credentials.attach(server)  # the registry/CRL authorizer, and reload closes revoked sessions
             # Commands from upstream (uplink.command_topic) go to the devices' sessions; "" leaves it unused.
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
-                                          ssl_context=uplink_tls, downlink=server.deliver_downlink)
+                                          ssl_context=uplink_tls, downlink=server.deliver_downlink, otel=spans)
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(outbox.run(), name="outbox-writer")
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
@@ -83,6 +88,8 @@ class Gateway:
                     await admin.close()
         finally:
             await outbox.close()
+            if spans is not None:  # flush the spans still batched (blocking HTTP: off the event loop)
+                await asyncio.to_thread(spans.shutdown)
         log.info("gateway.stopped", outbox_depth=outbox.depth)
 
     def reload(self, trigger: str = "SIGHUP") -> bool:

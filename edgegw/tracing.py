@@ -6,8 +6,8 @@ flags ``01``). It is stored in the record's properties (key ``tp``, docs/MQTT.md
 property ``traceparent`` (a frame field in batch frames), and its trace id is in the log lines of the record's
 stages (refusal, quarantine, expiry, commit failure) as ``trace_id``.
 
-A device's value is passed on unchanged (we do not start a span of our own: there is no span export, see
-docs/OPERATIONS.md). Values that are not a valid version-00 traceparent (or a later version's first 55
+A device's value is passed on unchanged (the optional span export, edgegw/ops/otel.py, makes our spans its
+children and does not rewrite it; docs/OPERATIONS.md). Values that are not a valid version-00 traceparent (or a later version's first 55
 characters, as the spec asks) are ignored and a new one is made.
 """
 

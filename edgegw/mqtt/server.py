@@ -43,6 +43,7 @@ from edgegw.mqtt.broker import LocalBroker
 from edgegw.mqtt.forward import forwarded, record_properties
 from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, PropertyId, ReasonCode
 from edgegw.mqtt.session import Message, Session
+from edgegw.ops.otel import Spans
 from edgegw.outbox._record import OutboxFull, record_size
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
@@ -83,8 +84,10 @@ Authorizer = Callable[[DeviceIdentity], str | None]
 
 class MQTTServer:
     def __init__(self, settings: MQTTSettings, ssl_context: ssl.SSLContext, acl: ACL, outbox: Outbox,
-                 *, authorizer: Authorizer | None = None) -> None:
+                 *, authorizer: Authorizer | None = None, otel: Spans | None = None) -> None:
         self.settings = settings
+        self.otel = otel
+        """OpenTelemetry span hooks (edgegw/ops/otel.py), or None: export off, one check per record."""
         self.stats = MQTTStats()
         # Replaced as a whole on reload (new CA bundle, CRL or server certificate): new handshakes use the new one,
         # established sessions keep theirs.
@@ -576,7 +579,7 @@ class DeviceProtocol(asyncio.Protocol):
                 expires_at = self._loop.time() + mei
         record_props = record_properties(props, tp)
         try:
-            self._submit(event, record_props)
+            self._submit(event, record_props, tp)
         except OutboxError as exc:
             # Full (reject-new policy) or closing: not stored, so not acknowledged as stored and not delivered
             # locally. MQTT 5 gets 0x97 and may retry. 3.1.1 has no negative ack: the publish is held, unanswered,
@@ -594,10 +597,19 @@ class DeviceProtocol(asyncio.Protocol):
             return
         self._stored(event, fwd, expires_at)
 
-    def _submit(self, event: PublishReceived, record_props: bytes | None) -> None:
+    def _submit(self, event: PublishReceived, record_props: bytes | None, tp: str | None = None) -> None:
         """Into the outbox; raises OutboxError (OutboxFull) when it may not be stored."""
         publish = event.publish
         assert self.device_id is not None
+        otel = self.server.otel
+        if otel is not None and tp is not None:  # span export on (edgegw.ingress: arrival -> commit)
+            on_commit = (None if publish.packet_id is None
+                         else functools.partial(self._committed, publish.packet_id, publish.qos))
+            on_commit, holder = otel.ingress(tp, on_commit)
+            holder.append(self.server._outbox.submit(self.device_id, event.topic, publish.payload,
+                                                     0 if publish.packet_id is None else publish.qos,
+                                                     on_commit, record_props))
+            return
         if publish.packet_id is None:
             self.server._outbox.submit(self.device_id, event.topic, publish.payload, 0, properties=record_props)
         else:

@@ -281,6 +281,8 @@ class _Link:
             ids = [record.id for record in carried] if isinstance(carried, list) else (carried.id,)
             self.acks.extend(ids)
             self.uplink.acked += len(ids)
+            if self.uplink.otel is not None:
+                self.uplink.otel.uplink_acked(records)
             backfill = self.uplink._backfill
             if backfill is not None:
                 backfill.acked += sum(1 for record_id in ids if record_id <= self.boundary)

@@ -28,6 +28,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from edgegw.config import UplinkSettings
 from edgegw.mqtt.forward import decode_record_properties
 from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
+from edgegw.ops.otel import Spans
 from edgegw.outbox.store import Outbox, Record
 from edgegw.tracing import trace_id
 from edgegw.uplink._backfill import Backfill
@@ -61,7 +62,7 @@ class Uplink:
     """Run :meth:`run` as a task; cancel it to stop (it sends DISCONNECT if it can and releases everything)."""
 
     def __init__(self, settings: UplinkSettings, outbox: Outbox, *, client_id: str,
-                 ssl_context: ssl.SSLContext, downlink: Downlink | None = None) -> None:
+                 ssl_context: ssl.SSLContext, downlink: Downlink | None = None, otel: Spans | None = None) -> None:
         if not client_id:
             raise ValueError("client_id must not be empty")
         self._settings = settings
@@ -78,6 +79,8 @@ class Uplink:
         self.endpoint: str | None = None
         """``host:port`` of the upstream this uplink is connected to, or None."""
         self._link: _Link | None = None
+        self.otel = otel
+        """OpenTelemetry span hooks (edgegw.uplink: PUBLISH -> PUBACK), or None: export off."""
         self.downlink = downlink
         """Where commands from ``command_topic`` go (the daemon wires ``MQTTServer.deliver_downlink``)."""
         self.commands_delivered = 0
@@ -398,6 +401,9 @@ class Uplink:
             link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return False
         link.inflight[info.mid] = [record for record, _, _ in frame]
+        if self.otel is not None:
+            for record, _, tp in frame:
+                self.otel.uplink_sent(record, tp)
         self.sent += len(frame)
         self.frames_sent += 1
         self.bytes_sent += _packet_size(topic, payload, properties)
@@ -436,6 +442,8 @@ class Uplink:
             link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
             return None
         link.inflight[info.mid] = record
+        if self.otel is not None:
+            self.otel.uplink_sent(record, carried.get("tp"))
         self.bytes_sent += _packet_size(topic, record.payload, properties)
         if link.probe_mid == 0 and not link.probe_next:
             link.probe_next = info.mid
