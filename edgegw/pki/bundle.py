@@ -186,7 +186,7 @@ def uplink_csr(pki_dir: Path, name: str, *, common_name: str | None = None, key_
 
 
 def add_bundle_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
-    from .cli_lifecycle import _days
+    from .cli import _days
 
     batch = commands.add_parser("batch", parents=[common],
                                 help="issue and register the devices of a CSV, one bundle per device")

@@ -15,6 +15,7 @@ from typing import Any
 from edgegw.errors import EdgegwError
 
 from ._store import write_file
+from .cli import _add_leaf_days, _days
 from .lifecycle import CRL_DAYS, pki_status, revoke_device, sign_csr, write_crl
 
 
@@ -52,21 +53,10 @@ def add_lifecycle_parsers(commands: Any, common: argparse.ArgumentParser) -> Non
                       help="where to write the certificate (plus the intermediate, if any)")
     sign.add_argument("--id", dest="pki_id", default=None, help="refuse the CSR unless its CN is this id")
     sign.add_argument("--san", dest="pki_sans", action="append", default=[], metavar="NAME")
-    sign.add_argument("--days", dest="pki_days", type=_days, default=825, metavar="N",
-                      help="validity in days (default: %(default)s)")
+    _add_leaf_days(sign)
     sign.set_defaults(func=_cmd_sign)
 
     add_bundle_parsers(commands, common)
-
-
-def _days(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace, action: Callable[[], Any], text: Callable[[Any], str]) -> int:
