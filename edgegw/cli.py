@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edgegw.registry.cli import add_devices_parser
 
     add_devices_parser(sub)
+    from edgegw.pipeline.cli import add_pipeline_parsers
+
+    add_pipeline_parsers(sub)  # quarantine list|show|replay|purge, reload
 
     p = sub.add_parser("docs", help="write the AsyncAPI 3 document of the device-facing API (from a config)")
     p.add_argument("--config", "-c", type=Path, required=True, help="the TOML config file")

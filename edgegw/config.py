@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from edgegw.errors import ConfigError
+from edgegw.pipeline.settings import SECTIONS as PIPELINE_SECTIONS
+from edgegw.pipeline.settings import PipelineSettings, parse_pipeline
+from edgegw.policy.limits_config import LimitsSettings, limits_from_mapping
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -64,9 +67,10 @@ class MQTTSettings:
     receive_maximum: int = 64
     """QoS 1/2 publishes per connection awaiting commit; past it the connection is not read (3.1.1) or told 0x93."""
     tls_read_buffer: int = 16 * 1024
-    """Per-connection TLS read buffer. asyncio's default is 256 KiB per connection (BRIEF §2). One TLS record carries
-    at most 16 KiB of plaintext, so more buffer buys nothing: measured 70 KB per idle connection at 32 KiB, 53 KB at
-    16 KiB, 45 KB at 8 KiB, with no throughput change at 16 KiB (docs/BENCHMARKS.md)."""
+    """Bytes per TLS read. Device MQTT connections share one buffer of this size (edgegw/mqtt/_tls.py: no buffer
+    per connection, ~29 KB per idle connection in all); other asyncio TLS listeners (CoAP over TLS) get it as their
+    per-connection ``SSLProtocol.max_size`` (asyncio's default: 256 KiB, BRIEF §2). One TLS record carries at most
+    16 KiB of plaintext, so more buys nothing (docs/BENCHMARKS.md "Idle connections")."""
     topic_alias_maximum: int = 16
     """Topic aliases a MQTT 5 device may set per connection (0: none)."""
     max_topic_length: int = 256
@@ -85,7 +89,9 @@ class MQTTSettings:
     retained_max_count: int = 10_000
     retained_max_bytes: int = 16 * 1024 * 1024
     session_store: Path = Path("state/mqtt-sessions.msgpack")
-    """Persistent sessions, their queues and retained messages are saved here at shutdown and restored at start."""
+    """Persistent sessions, their queues and retained messages live in the SQLite file next to this path with the
+    suffix ``.db`` (written in batches, survives kill -9); a msgpack snapshot of an older version found here is
+    imported once (edgegw/mqtt/sessiondb.py)."""
     lab: bool = False
     """Also listen on plain TCP (lab_bind:lab_port), client id as identity, every topic allowed. Never in production."""
     lab_bind: str = "127.0.0.1"
@@ -117,6 +123,64 @@ class MQTTSettings:
         for key in ("max_topic_levels", "max_subscriptions", "max_queued_messages", "max_queued_bytes",
                     "retained_max_count", "retained_max_bytes"):
             _positive(f"mqtt.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CoAPSettings:
+    """CoAP ingress (docs/COAP.md): CoAP over TLS (RFC 8323, ``coaps+tcp``) with client certificates required,
+    the same ``[tls]`` material, registry, CRL and ACL as MQTT. Off unless ``enabled``."""
+
+    enabled: bool = False
+    bind: str = "0.0.0.0"
+    port: int = 5684
+    """The coaps+tcp port itself (aiocoap's own listener would add 1 to the port of its ``bind``; ours does not)."""
+    max_connections: int = 10_000
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    """Seconds without a byte from a connection before it is closed (RFC 8323 Ping counts); 0: never."""
+    max_payload: int = 64 * 1024
+    """Largest request payload accepted (4.13 past it, with Size1); a message announcing more closes the connection."""
+    max_inflight: int = 32
+    """Requests per connection being processed (awaiting their commit); past it the connection is not read."""
+    max_observations: int = 16
+    """Observations (GET + Observe on /ps/...) per device; more are refused with 5.03."""
+    full_max_age: int = 5
+    """Max-Age (seconds) of the 5.03 / 4.29 answer when the outbox is full: when the device should try again."""
+    receive_buffer: int = 4 * 1024 * 1024
+    """SO_RCVBUF of the UDP (lab) socket: the kernel's default drops most of a burst of datagrams (BRIEF §2)."""
+    exchange_lifetime: float = 30.0
+    """UDP (lab) only: seconds a message id is remembered for deduplication (RFC 7252 says 247; memory stays
+    flat under load with less, at the cost of accepting a retransmission later than that as new)."""
+    lab: bool = False
+    """Also listen on plain CoAP over UDP (lab_bind:lab_port): NO authentication, the device id is the request's
+    ``c=`` query parameter (as EMQX). For firmware bring-up only, never production."""
+    lab_bind: str = "127.0.0.1"
+    lab_port: int = 5683
+    dtls: bool = False
+    """Also CoAP over DTLS 1.2 (``coaps://``, UDP) on ``bind:dtls_port``, client certificates required
+    (edgegw/coap/dtls.py); same [tls] material, registry, CRL and ACL."""
+    dtls_port: int = 5684
+    """UDP: may equal ``port`` (TCP)."""
+    dtls_max_sessions: int = 1000
+    """DTLS sessions, handshaking ones included; ClientHellos past it are not answered."""
+    dtls_handshakes_per_second: float = 50.0
+    """New DTLS handshakes per second (token bucket, burst of as many): a flood cannot take the CPU."""
+    dtls_idle_timeout: float = 300.0
+    """Seconds without a datagram before a DTLS session is closed."""
+
+    def __post_init__(self) -> None:
+        for key in ("port", "lab_port", "dtls_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                raise ConfigError(f"coap.{key}", f"must be 0-65535, got {getattr(self, key)}")
+        for key in ("max_connections", "handshake_timeout", "max_inflight", "max_observations", "full_max_age",
+                    "exchange_lifetime", "dtls_max_sessions", "dtls_handshakes_per_second", "dtls_idle_timeout"):
+            _positive(f"coap.{key}", getattr(self, key))
+        if self.idle_timeout < 0:
+            raise ConfigError("coap.idle_timeout", f"must be >= 0 (0: never), got {self.idle_timeout}")
+        if not 1 <= self.max_payload <= 1024 * 1024:
+            raise ConfigError("coap.max_payload", f"must be 1 .. 1048576 bytes, got {self.max_payload}")
+        if not 64 * 1024 <= self.receive_buffer <= 256 * 1024 * 1024:
+            raise ConfigError("coap.receive_buffer", f"must be 65536 .. 268435456 bytes, got {self.receive_buffer}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -212,6 +276,9 @@ class UplinkSettings:
     batch_max_bytes: int = 65536
     """Upper bound of a frame's payload before compression (also kept under the broker's Maximum Packet Size)."""
     batch_compression: Literal["none", "zlib"] = "none"
+    client: Literal["native", "paho"] = "native"
+    """The MQTT client under the uplink: ``native`` (edgegw's own on asyncio: PUBLISHes of a loop turn in one
+    write, PUBACKs parsed from bytes) or ``paho`` (paho-mqtt driven by the loop). Same behaviour, same logs."""
     command_topic: str = ""
     """Downlink: a filter the uplink subscribes to upstream (QoS 1, after every connect), e.g.
     ``{prefix}/+/cmd/#``; ``{prefix}`` stands for ``topic_prefix``. A message on ``{prefix}/{device_id}/rest`` is
@@ -350,6 +417,11 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     tracing: TracingSettings = field(default_factory=TracingSettings)
+    coap: CoAPSettings = field(default_factory=CoAPSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    """[[routes]], [routing], [transforms.*], [versions.*], [tenants] (edgegw/pipeline/settings.py)."""
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    """[limits], [[limits.rate]], [[limits.quota]] (edgegw/policy/limits_config.py)."""
     source: Path | None = None
     """The file this was loaded from (not a config key)."""
 
@@ -369,6 +441,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogSettings,
     "admin": AdminSettings,
     "tracing": TracingSettings,
+    "coap": CoAPSettings,
 }
 
 
@@ -386,9 +459,10 @@ def load_config(path: Path | str) -> Config:
 
 
 def config_from_mapping(raw: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
-    unknown = sorted(set(raw) - set(_SECTIONS))
+    unknown = sorted(set(raw) - set(_SECTIONS) - set(PIPELINE_SECTIONS) - {"limits"})
     if unknown:
-        raise ConfigError(unknown[0], f"unknown section (known: {', '.join(_SECTIONS)})")
+        known = ", ".join((*_SECTIONS, *PIPELINE_SECTIONS, "limits"))
+        raise ConfigError(unknown[0], f"unknown section (known: {known})")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         value = raw.get(name)
@@ -400,7 +474,9 @@ def config_from_mapping(raw: dict[str, Any], *, base_dir: Path, source: Path | N
     for required in ("tls", "uplink"):
         if required not in sections:
             raise ConfigError(required, "section is required")
-    return Config(**sections, source=source)
+    if "limits" in raw:  # arrays of tables: parsed by its own module, errors still name the key
+        sections["limits"] = limits_from_mapping(raw["limits"], base_dir)
+    return Config(**sections, pipeline=parse_pipeline(raw, base_dir), source=source)
 
 
 def _build(cls: type, values: dict[str, Any], section: str, base_dir: Path) -> Any:

@@ -12,17 +12,25 @@ import asyncio
 import signal
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from edgegw.admin import AdminServer
+from edgegw.coap import CoAPServer
 from edgegw.config import Config
 from edgegw.errors import ConfigError
 from edgegw.mqtt.server import MQTTServer
 from edgegw.ops import otel
 from edgegw.ops.notify import SystemdNotifier
 from edgegw.outbox.store import Outbox
+from edgegw.pipeline import control
+from edgegw.pipeline.poison import FILE as POISON_FILE
+from edgegw.pipeline.poison import PoisonStore
+from edgegw.pipeline.reload import build_pipeline, reload_config
+from edgegw.pipeline.replay import replay_live
 from edgegw.policy.acl import ACL
+from edgegw.policy.limits import Limiter, RegistryClasses, UsageStore
 from edgegw.registry.reload import Credentials
 from edgegw.tlsutil import client_ssl_context
 from edgegw.uplink.paho_bridge import Uplink
@@ -39,7 +47,13 @@ class Gateway:
         self.config = config
         self.notifier = notifier or SystemdNotifier(environ={})
         self.outbox: Outbox | None = None
+        self.poison: PoisonStore | None = None
+        self._replaying: asyncio.Task[None] | None = None
         self.server: MQTTServer | None = None
+        self.coap: CoAPServer | None = None
+        """The CoAP ingress ([coap] enabled = true), else None."""
+        self.limiter: Limiter | None = None
+        """Rate limits and quotas ([limits]); reload: ``limiter.replace(new_config.limits)``."""
         self.uplink: Uplink | None = None
         self.otel: otel.Spans | None = None
         """OpenTelemetry span export ([tracing]); None when off (the default)."""
@@ -57,15 +71,40 @@ class Gateway:
             server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox,
                                               otel=spans)
             self.credentials.attach(server)  # the registry/CRL authorizer, and reload closes revoked sessions
-            # Commands from upstream (uplink.command_topic) go to the devices' sessions; "" leaves it unused.
+            # Always built (without rules it admits at once), so a reload can add limits.
+            limiter, classes = _build_limiter(config, server)
+            server.limiter = self.limiter = limiter
+            # Poison messages (edgegw/pipeline/poison.py) in quarantine.db next to the outbox; opened even without a
+            # pipeline, so a reload can add one.
+            poison = self.poison = await PoisonStore(control.state_dir(config.outbox.path) / POISON_FILE).open()
+            server.pipeline = build_pipeline(config, poison)  # routes/transforms/tenants; None: stored as sent
+            control.write_pid(control.state_dir(config.outbox.path))  # for `edgegw reload`
+            coap = None
+            if config.coap.enabled:  # same TLS context, registry, CRL and ACL as MQTT (docs/COAP.md)
+                coap = self.coap = CoAPServer(config.coap, device_tls, ACL.from_settings(config.acl), outbox,
+                                              admit=limiter.coap_admit,
+                                              pipeline=lambda: server.pipeline,  # the same, also after reload
+                                              tls=config.tls)
+                self.credentials.attach(coap)
+            # Commands from upstream (uplink.command_topic) go to the devices' sessions (and CoAP observations);
+            # "" leaves it unused.
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
-                                          ssl_context=uplink_tls, downlink=server.deliver_downlink, otel=spans)
+                                          ssl_context=uplink_tls, downlink=_downlink(server, coap), otel=spans)
+            if coap is not None:
+                # Before the TaskGroup, so a port that cannot be bound stops the start with a ConfigError naming
+                # coap.port (inside, it would come out wrapped in an ExceptionGroup). Requests that arrive before
+                # the outbox writer runs simply wait for their commit.
+                await coap.start()
             async with asyncio.TaskGroup() as tg:
                 writer = tg.create_task(outbox.run(), name="outbox-writer")
+                poison_task = tg.create_task(poison.run(), name="pipeline-quarantine")
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
+                limits_task = tg.create_task(limiter.run(classes), name="limits-upkeep")
                 await server.start()
                 admin = await AdminServer.start_for(self, writer_task=writer)  # None if [admin] enabled = false
                 log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
+                         coap_port=coap.port if coap is not None else None,
+                         coap_dtls_port=coap.dtls_port if coap is not None else None,
                          outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 watchdog = tg.create_task(self.notifier.watchdog(self.status_line), name="watchdog")
@@ -75,11 +114,20 @@ class Gateway:
                 await stop.wait()
                 self.notifier.notify("STOPPING=1", "STATUS=draining")
                 log.info("gateway.stopping", connections=server.connection_count, outbox_depth=outbox.depth)
+                if coap is not None:
+                    coap.stop_accepting()  # no new device while MQTT drains; then CoAP's own in-flight commits
                 await server.drain(DRAIN_TIMEOUT)
+                if coap is not None:
+                    await coap.drain(DRAIN_TIMEOUT)
+                poison.stop()  # devices are drained: what they sent is committed, the quarantine writer can end
+                await poison_task
                 # The uplink stops before the outbox writer does, so every upstream PUBACK that arrived is turned
                 # into a delete that the writer's last commit still carries (else: duplicates after a restart).
                 uplink_task.cancel()
                 await asyncio.wait({uplink_task})
+                limits_task.cancel()  # devices are gone: the last quota usage is written now
+                await asyncio.wait({limits_task})
+                await limiter.close()
                 outbox.stop()
                 await writer
                 watchdog.cancel()
@@ -87,20 +135,74 @@ class Gateway:
                 if admin is not None:
                     await admin.close()
         finally:
+            control.remove_pid(control.state_dir(config.outbox.path))
+            if self.poison is not None:
+                await self.poison.close()
             await outbox.close()
             if spans is not None:  # flush the spans still batched (blocking HTTP: off the event loop)
                 await asyncio.to_thread(spans.shutdown)
         log.info("gateway.stopped", outbox_depth=outbox.depth)
 
     def reload(self, trigger: str = "SIGHUP") -> bool:
-        """Re-read server certificate/key, CA bundle, CRL and registry; sessions stay unless no longer allowed."""
-        return self.credentials.reload(trigger) if self.server is not None else False
+        """Re-read the config (ACLs, routes, transforms, limits; all or nothing: edgegw/pipeline/reload.py), then
+        server certificate/key, CA bundle, CRL and registry; sessions stay unless no longer allowed."""
+        if self.server is None:
+            return False
+        error = reload_config(self, trigger)
+        ok = self.credentials.reload(trigger)
+        if error is None and not ok:
+            error = "TLS material or registry refused (see tls.reload_failed)"
+        control.write_result(control.state_dir(self.config.outbox.path), trigger=trigger, ok=error is None,
+                             error=error)
+        return error is None
+
+    def replay(self) -> None:
+        """SIGUSR1 (``edgegw quarantine replay`` while running): poison messages back through the pipeline."""
+        if self.server is None or (self._replaying is not None and not self._replaying.done()):
+            return
+        self._replaying = asyncio.get_running_loop().create_task(
+            replay_live(self, control.state_dir(self.config.outbox.path)), name="quarantine-replay")
 
     def status_line(self) -> str:
         devices = len(self.server.devices) if self.server else 0
         depth = self.outbox.depth if self.outbox else 0
         uplink = self.uplink.state if self.uplink else "down"
         return f"{devices} devices connected, outbox depth {depth}, uplink {uplink}"
+
+
+def _downlink(server: MQTTServer, coap: CoAPServer | None) -> Callable[..., bool]:
+    """A command goes to the device's MQTT subscriptions and CoAP observations alike (both may match)."""
+    if coap is None:
+        return server.deliver_downlink
+
+    def deliver(*args: Any, **kwargs: Any) -> bool:
+        delivered = server.deliver_downlink(*args, **kwargs)
+        return coap.deliver_downlink(*args, **kwargs) or delivered
+    return deliver
+
+
+def _build_limiter(config: Config, server: MQTTServer) -> tuple[Limiter, RegistryClasses]:
+    """The limiter with this day's and month's quota usage, and the registry's groups/tenants (blocking: at start)."""
+    classes = RegistryClasses(config.registry.path)
+    snapshot = classes.read_if_changed()
+    if snapshot is not None:
+        classes.install(snapshot)
+
+    def classify(device_id: str) -> tuple[str, str]:
+        # Asked once per device state (first message, after a reload or a registry change), not per message.
+        # The group (tier) is the registry's; the tenant is the pipeline's when [tenants] is configured (it may
+        # come from the certificate's O/OU: read from the device's live MQTT connection), else the registry's.
+        group, tenant = classes(device_id)
+        pipeline = server.pipeline
+        proto = server.devices.get(device_id)
+        if pipeline is not None and proto is not None and proto.identity is not None:
+            tenant = pipeline.tenants.tenant(device_id, proto.identity.serial, proto._peercert) or tenant
+        return group, tenant
+
+    usage_path = config.limits.usage_path or config.outbox.path.with_name("usage.db")
+    limiter = Limiter(config.limits, classify=classify, store=UsageStore(usage_path))
+    limiter.load_usage()
+    return limiter, classes
 
 
 def _load_tls(section: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
@@ -120,8 +222,9 @@ async def run_until_signalled(config: Config) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    loop.add_signal_handler(signal.SIGUSR1, gateway.replay)  # edgegw/pipeline/replay.py
     try:
         await gateway.run(stop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)

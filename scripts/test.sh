@@ -8,6 +8,8 @@ need=()
 [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
 command -v openssl >/dev/null || need+=(openssl)
+# libcoap's client is the independent CoAP peer in tests/test_coap*.py (coaps+tcp and DTLS with certificates).
+command -v coap-client-openssl >/dev/null || need+=(libcoap3-bin)
 # Headless Chromium renders the admin status page in tests/test_status_page.py.
 command -v chromium >/dev/null || need+=(chromium)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -39,6 +39,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+# Vendored third-party suites (tests/interop/) are run as programs by tests/test_mqtt_interop.py, never collected.
+collect_ignore = ["interop"]
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 # --- throwaway PKI -------------------------------------------------------------------------------------------
@@ -477,6 +480,8 @@ class GatewayProcess:
                        "cert": str(pki.client("uplink").cert), "key": str(pki.client("uplink").key),
                        "topic_prefix": "cloud", "reconnect_min": 0.1, "reconnect_max": 0.5},
             "log": {"level": "info"},
+            # An ephemeral admin port: several test gateways at once must not fight over the default 9180.
+            "admin": {"port": 0},
         }
         for name, values in (overrides or {}).items():
             sections.setdefault(name, {}).update(values)

@@ -4,6 +4,10 @@ Synchronous on the hot path: :meth:`LocalBroker.route` matches a topic in the su
 subscriber's copy to its live connection (one engine call, flushed with the others) or to its session queue. Timers
 (session expiry, will delay) are ``loop.call_later`` handles, never tasks.
 
+Persistent sessions (session expiry > 0) report every change to a :class:`~edgegw.mqtt.session.Journal`
+(:class:`~edgegw.mqtt.sessiondb.SessionDB` in the gateway): their state, and each QoS 1/2 message they hold from the
+moment it is routed to them until the device acknowledged it (or it was dropped), so they survive a crash.
+
 Who may see what is decided at SUBSCRIBE time: a filter is accepted only if every topic it can match is inside the
 device's subscribe ACL, so routing (and retained delivery) needs no per-message ACL check.
 """
@@ -21,10 +25,30 @@ import structlog
 from edgegw.config import MQTTSettings
 from edgegw.mqtt.connection import ConnectionState, MQTTConnection
 from edgegw.mqtt.forward import forwarded
-from edgegw.mqtt.packets import MQTT_5, Properties, PropertyId, ReasonCode, Subscribe, Unsubscribe, Will
+from edgegw.mqtt.packets import (
+    MQTT_5,
+    Properties,
+    PropertyId,
+    ReasonCode,
+    Subscribe,
+    Unsubscribe,
+    Will,
+)
 from edgegw.mqtt.retained import RetainedStore
-from edgegw.mqtt.session import Message, Outgoing, Session, SessionState
-from edgegw.mqtt.subscriptions import InvalidFilter, Subscription, SubscriptionIndex, parse_filter
+from edgegw.mqtt.session import (
+    Journal,
+    Message,
+    NoJournal,
+    Outgoing,
+    Session,
+    SessionState,
+)
+from edgegw.mqtt.subscriptions import (
+    InvalidFilter,
+    Subscription,
+    SubscriptionIndex,
+    parse_filter,
+)
 from edgegw.policy.acl import ACL
 
 log = structlog.get_logger("edgegw.mqtt")
@@ -69,6 +93,18 @@ class LocalBroker:
         self._clock = clock
         self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
         self._will_timers: dict[str, tuple[asyncio.TimerHandle, Message]] = {}
+        self.journal: Journal = NoJournal()
+
+    def pending_will(self, key: str) -> tuple[float, Message] | None:
+        """A delayed will waiting to be published: (its monotonic due time, the message)."""
+        entry = self._will_timers.get(key)
+        return None if entry is None else (entry[0].when(), entry[1])
+
+    def new_session(self, key: str) -> Session:
+        state = SessionState(max_queued=self.settings.max_queued_messages,
+                             max_queued_bytes=self.settings.max_queued_bytes)
+        state.on_finished = self.journal.message_done
+        return Session(key, state)
 
     def reset(self) -> None:
         """Forget every session, subscription and retained message (before start only)."""
@@ -108,9 +144,7 @@ class LocalBroker:
             session = None
         if session is not None:
             return session, True
-        state = SessionState(max_queued=self.settings.max_queued_messages,
-                             max_queued_bytes=self.settings.max_queued_bytes)
-        session = Session(key, state)
+        session = self.new_session(key)
         self.sessions[key] = session
         return session, False
 
@@ -119,6 +153,15 @@ class LocalBroker:
         session.disconnected_at = None
         session.will = will
         session.protocol_level = peer.engine.protocol_level
+        # Known from CONNECT: a session that outlives its connection is journaled from now on (a later
+        # DISCONNECT may change the expiry, never from 0: MQTT-3.14.2-2).
+        session.expiry = peer.engine.session_expiry
+        if session.expiry > 0:
+            session.durable = True
+            self.journal.session_changed(session)
+        elif session.durable:  # resumed without expiry: it ends with this connection
+            session.durable = False
+            self.journal.session_dropped(session.device_id)
         self.pump(session, peer)
 
     def connection_ended(self, session: Session, peer: Peer, expiry: int, reason: ReasonCode) -> None:
@@ -146,11 +189,16 @@ class LocalBroker:
         else:
             session.disconnected_at = time.time()
             self.schedule_expiry(key, expiry)
+            if session.durable:
+                self.journal.session_changed(session)  # expiry countdown and a delayed will
 
     def _will_due(self, key: str) -> None:
         entry = self._will_timers.pop(key, None)
         if entry is not None:
             self._fire_will(key, entry[1])
+            session = self.sessions.get(key)
+            if session is not None and session.durable:
+                self.journal.session_changed(session)  # the will is gone from its saved state
 
     def _fire_will(self, key: str, message: Message) -> None:
         self.stats.wills_published += 1
@@ -171,6 +219,9 @@ class LocalBroker:
         session.filters.clear()
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
+        if session.durable:
+            session.durable = False
+            self.journal.session_dropped(session.device_id)
 
     def close(self) -> None:
         for timer in self._expiry_timers.values():
@@ -219,6 +270,8 @@ class LocalBroker:
                 for m in self.retained.matching(flt, now):
                     # MQTT-3.3.1-9: retained messages sent for a new subscription keep RETAIN set.
                     retained.append(Outgoing(m, min(m.qos, opts.qos), (sub_id,) if sub_id else (), retain=True))
+        if session.durable:
+            self.journal.session_changed(session)
         return tuple(codes), retained
 
     def deliver_all(self, session: Session, items: list[Outgoing]) -> None:
@@ -233,14 +286,16 @@ class LocalBroker:
                 codes.append(ReasonCode.SUCCESS)
             else:
                 codes.append(ReasonCode.NO_SUBSCRIPTION_EXISTED)
+        if session.durable:
+            self.journal.session_changed(session)
         return tuple(codes)
 
     # --- routing -------------------------------------------------------------------------------------------
 
     def route(self, message: Message) -> int:
         """Deliver ``message`` to every matching subscription; store it if retained. Returns the copies made."""
-        if message.retain:
-            self.retained.put(message)
+        if message.retain and self.retained.put(message):
+            self.journal.retained_changed(message.topic)
         matches = self.index.match(message.topic)
         if not matches:
             return 0
@@ -282,6 +337,10 @@ class LocalBroker:
     def _deliver(self, session: Session, out: Outgoing) -> int:
         peer = self.live.get(session.device_id)
         state = session.state
+        if out.qos and session.expiry > 0 and session.durable:
+            # Journaled until the device acknowledges it (or it is dropped): survives a crash. One append here,
+            # written with the next batch (MQTT 5 §4.1: QoS 1/2 messages are part of the session state).
+            self.journal.message_added(session.device_id, out)
         if peer is not None and peer.engine.state is ConnectionState.CONNECTED:
             if out.qos == 0 and peer.backlogged:
                 self.stats.dropped_backlog += 1
@@ -305,6 +364,7 @@ class LocalBroker:
         now = self.now()
         if m.expires_at is not None and m.expires_at <= now:
             self.stats.expired += 1
+            peer.engine.session.finished(out)
             return
         if peer.engine.send_publish(out, now):
             self.stats.delivered += 1

@@ -185,6 +185,67 @@ _PROPERTY_TYPES: dict[int, int] = {
 }
 
 
+_P = PropertyId
+_ACK_PROPS = frozenset({_P.REASON_STRING, _P.USER_PROPERTY})
+_PROPERTIES_OF: dict[str, frozenset[int]] = {
+    # MQTT 5 §2.2.2.2: which property may appear in which packet; any other is a Malformed Packet.
+    "CONNECT": frozenset({_P.SESSION_EXPIRY_INTERVAL, _P.AUTHENTICATION_METHOD, _P.AUTHENTICATION_DATA,
+                          _P.REQUEST_PROBLEM_INFORMATION, _P.REQUEST_RESPONSE_INFORMATION, _P.RECEIVE_MAXIMUM,
+                          _P.TOPIC_ALIAS_MAXIMUM, _P.USER_PROPERTY, _P.MAXIMUM_PACKET_SIZE}),
+    "WILL": frozenset({_P.PAYLOAD_FORMAT_INDICATOR, _P.MESSAGE_EXPIRY_INTERVAL, _P.CONTENT_TYPE, _P.RESPONSE_TOPIC,
+                       _P.CORRELATION_DATA, _P.WILL_DELAY_INTERVAL, _P.USER_PROPERTY}),
+    "PUBLISH": frozenset({_P.PAYLOAD_FORMAT_INDICATOR, _P.MESSAGE_EXPIRY_INTERVAL, _P.CONTENT_TYPE, _P.RESPONSE_TOPIC,
+                          _P.CORRELATION_DATA, _P.SUBSCRIPTION_IDENTIFIER, _P.TOPIC_ALIAS, _P.USER_PROPERTY}),
+    "ACK": _ACK_PROPS,  # PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, UNSUBACK
+    "SUBSCRIBE": frozenset({_P.SUBSCRIPTION_IDENTIFIER, _P.USER_PROPERTY}),
+    "UNSUBSCRIBE": frozenset({_P.USER_PROPERTY}),
+    "DISCONNECT": frozenset({_P.SESSION_EXPIRY_INTERVAL, _P.SERVER_REFERENCE, _P.REASON_STRING, _P.USER_PROPERTY}),
+    "AUTH": frozenset({_P.AUTHENTICATION_METHOD, _P.AUTHENTICATION_DATA, _P.REASON_STRING, _P.USER_PROPERTY}),
+    "CONNACK": frozenset(set(_PROPERTY_TYPES) - {_P.PAYLOAD_FORMAT_INDICATOR, _P.MESSAGE_EXPIRY_INTERVAL,
+                                                  _P.CONTENT_TYPE, _P.RESPONSE_TOPIC, _P.CORRELATION_DATA,
+                                                  _P.SUBSCRIPTION_IDENTIFIER, _P.REQUEST_PROBLEM_INFORMATION,
+                                                  _P.WILL_DELAY_INTERVAL, _P.REQUEST_RESPONSE_INFORMATION,
+                                                  _P.TOPIC_ALIAS}),
+}
+
+
+_KIND_OF: dict[type, str] = {
+    Connack: "CONNACK", Publish: "PUBLISH", Puback: "ACK", Pubrec: "ACK", Pubrel: "ACK", Pubcomp: "ACK",
+    Subscribe: "SUBSCRIBE", Suback: "ACK", Unsubscribe: "UNSUBSCRIBE", Unsuback: "ACK", Disconnect: "DISCONNECT",
+    Auth: "AUTH",
+}
+
+
+def misplaced_property(packet: Packet) -> str | None:
+    """The first property ``packet`` (as received over MQTT 5) carries that its packet type may not, else None.
+    Decoding accepts any known property anywhere (so the codec round-trips); the engine refuses these as a
+    Malformed Packet (MQTT 5 §2.2.2.2)."""
+    if isinstance(packet, Connect):
+        found = _misplaced(packet.properties, "CONNECT")
+        if found is None and packet.will is not None:
+            found = _misplaced(packet.will.properties, "WILL")
+        return found
+    kind = _KIND_OF.get(type(packet))
+    props = getattr(packet, "properties", None)
+    if kind is None or props is None:
+        return None
+    return _misplaced(props, kind)
+
+
+def _misplaced(props: Properties, kind: str) -> str | None:
+    if not props:
+        return None
+    allowed = _PROPERTIES_OF[kind]
+    for pid in props.values:
+        if pid not in allowed:
+            return f"property {PropertyId(pid).name} is not allowed in {kind}"
+    if props.user and _P.USER_PROPERTY not in allowed:
+        return f"user properties are not allowed in {kind}"
+    if props.subscription_ids and _P.SUBSCRIPTION_IDENTIFIER not in allowed:
+        return f"property SUBSCRIPTION_IDENTIFIER is not allowed in {kind}"
+    return None
+
+
 def decode_properties(r: Reader) -> Properties:
     length = r.varint()
     if length > r.remaining:

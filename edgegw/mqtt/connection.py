@@ -21,7 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet, encode_publish
+from edgegw.mqtt.codec import (
+    FrameReader,
+    MalformedPacket,
+    MQTTProtocolError,
+    decode_packet,
+    encode_packet,
+    encode_publish,
+    misplaced_property,
+)
 from edgegw.mqtt.packets import (
     MQTT_5,
     MQTT_311,
@@ -136,6 +144,9 @@ class MQTTConnection:
         self._out: list[bytes] = []
         # Packet ids of QoS 1/2 publishes handed to the shell and not yet acknowledged, with their QoS.
         self._awaiting_ack: dict[int, int] = {}
+        # QoS 2 ids PUBREC'd on this connection whose PUBREL has not come: they still count against our Receive
+        # Maximum until PUBCOMP (MQTT 5 §4.9). Per connection: the quota starts afresh on each one.
+        self._rel_here: set[int] = set()
 
     @property
     def _awaiting_rel(self) -> set[int]:
@@ -159,7 +170,12 @@ class MQTTConnection:
                 frame = self._frames.next_frame()
                 if frame is None:
                     break
-                event = self._handle(decode_packet(frame[0], frame[1], self.protocol_level))
+                packet = decode_packet(frame[0], frame[1], self.protocol_level)
+                if self.protocol_level == MQTT_5 or (isinstance(packet, Connect) and packet.protocol_level == MQTT_5):
+                    problem = misplaced_property(packet)
+                    if problem is not None:
+                        raise MalformedPacket(problem)  # MQTT 5 §2.2.2.2
+                event = self._handle(packet)
                 if event is not None:
                     events.append(event)
         except MQTTProtocolError as exc:
@@ -182,6 +198,7 @@ class MQTTConnection:
             # MQTT 5 §4.3.3: answer PUBCOMP whether or not we still know the id (a resend after reconnect).
             known = packet.packet_id in self._awaiting_rel
             self._awaiting_rel.discard(packet.packet_id)
+            self._rel_here.discard(packet.packet_id)
             reason = ReasonCode.SUCCESS if known else ReasonCode.PACKET_IDENTIFIER_NOT_FOUND
             self._send(Pubcomp(packet.packet_id, reason if self.protocol_level == MQTT_5 else ReasonCode.SUCCESS))
             return None
@@ -296,7 +313,8 @@ class MQTTConnection:
             # acknowledges it here once that commit completes (:meth:`awaits_ack`). No second record.
             self._awaiting_ack[p.packet_id] = 2
             return None
-        if len(self._awaiting_ack) >= self._receive_maximum and self.protocol_level == MQTT_5:
+        if (self.protocol_level == MQTT_5
+                and len(self._awaiting_ack) + len(self._rel_here) >= self._receive_maximum):
             raise MQTTProtocolError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # §3.3.4
         self._awaiting_ack[p.packet_id] = p.qos
         if p.qos == 2:
@@ -349,6 +367,7 @@ class MQTTConnection:
                 # Recorded in the session even if this connection died meanwhile: the device resends after
                 # reconnecting and must get PUBREC, not a second record.
                 self._awaiting_rel.add(packet_id)
+                self._rel_here.add(packet_id)
         if self.state is not ConnectionState.CONNECTED:
             return  # the connection died first; the device resends and gets a duplicate record at worst
         if self.protocol_level == MQTT_311 and reason.is_error:
@@ -396,6 +415,7 @@ class MQTTConnection:
             return True
         if pid is not None:
             del self.session.outgoing[pid]
+            self.session.finished(out)  # dropped as if delivered: its journal row goes too
         return False
 
     def _send_publish(self, pid: int | None, out: Outgoing, *, dup: bool, now: float | None) -> bool:
@@ -419,19 +439,19 @@ class MQTTConnection:
         if isinstance(packet, Puback):
             if out is None or out.qos != 1:
                 raise MQTTProtocolError(f"PUBACK for unknown packet id {pid}")
-            del self.session.outgoing[pid]
+            self.session.finished(self.session.outgoing.pop(pid))
         elif isinstance(packet, Pubrec):
             if out is None or out.qos != 2:
                 raise MQTTProtocolError(f"PUBREC for unknown packet id {pid}")
             if packet.reason_code.is_error:  # MQTT 5 §4.3.3: the exchange ends, the id is free
-                del self.session.outgoing[pid]
+                self.session.finished(self.session.outgoing.pop(pid))
                 return
             out.released = True
             self._send(Pubrel(pid))
         else:
             if out is None or not out.released:
                 raise MQTTProtocolError(f"PUBCOMP for unknown packet id {pid}")
-            del self.session.outgoing[pid]
+            self.session.finished(self.session.outgoing.pop(pid))
 
     def close(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
         """Server-initiated close. MQTT 5 peers get a DISCONNECT with the reason (§3.14); 3.1.1 peers just EOF."""

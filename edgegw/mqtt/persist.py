@@ -1,9 +1,7 @@
-"""Persistent sessions and retained messages across a gateway restart: one msgpack snapshot, written at shutdown
-(after every device connection is closed) and read at start. No per-message I/O.
-
-Survives a clean stop (SIGTERM / SIGINT). A killed process (kill -9, power cut) loses what changed since the last
-start: sessions then start anew (CONNACK session present 0). Device messages themselves are never at risk here: they
-are acknowledged only once in the outbox.
+"""The msgpack session snapshot of earlier versions (written at shutdown only). Sessions now live in SQLite
+(:mod:`edgegw.mqtt.sessiondb`, written in batches, survives kill -9); this format is still read once, when a gateway
+that has no session database yet finds a snapshot at ``mqtt.session_store`` (``SessionDB.open``), and :func:`save`
+remains as an export of the in-memory state.
 
 Snapshot (msgpack map, ``"v": 1``)::
 

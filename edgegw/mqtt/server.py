@@ -1,8 +1,9 @@
 """The thin asyncio shell around :class:`~edgegw.mqtt.connection.MQTTConnection`: TLS, timers, outbox, ACL.
 
-One plain TCP acceptor refuses connections past ``max_connections`` before any TLS work, then upgrades the socket
-with ``loop.start_tls`` so a failed handshake is ours to log (who, and why). After the handshake the device's
-identity is its certificate CN; the CONNECT must carry it as the client id.
+One plain TCP acceptor refuses connections past ``max_connections`` before any TLS work, then hands the socket to
+our TLS transport (:mod:`edgegw.mqtt._tls`, no per-connection buffer) so a failed handshake is ours to log (who,
+and why). After the handshake the device's identity is its certificate CN; the CONNECT must carry it as the
+client id.
 
 The hot path stays synchronous: ``data_received`` -> engine events -> ACL -> ``outbox.submit`` (no await, no task)
 -> local subscribers (:class:`~edgegw.mqtt.broker.LocalBroker`, only when any subscription or a retain flag exists).
@@ -10,7 +11,8 @@ The outbox calls back after the group commit; the acknowledgements for a whole g
 connection (``_flush_soon``), not once per message. Deliveries to devices are flushed the same way.
 
 Also here: the downlink entry point for the uplink (:meth:`MQTTServer.deliver_downlink`), wills (into the outbox
-and to local subscribers), the session snapshot at start/stop (:mod:`edgegw.mqtt.persist`), and the plain-TCP lab
+and to local subscribers), the session journal (:mod:`edgegw.mqtt.sessiondb`: restored at start, written in
+batches, SUBACK after its commit for persistent sessions), and the plain-TCP lab
 listener (``mqtt.lab = true`` only).
 """
 
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
+import sqlite3
 import ssl
 from asyncio import sslproto
 from collections.abc import Callable
@@ -27,6 +31,7 @@ import structlog
 
 from edgegw.config import MQTTSettings
 from edgegw.identity import DeviceIdentity, describe_handshake_error, identity_from_peercert
+from edgegw.mqtt._tls import TLSListener, TLSTransport
 from edgegw.mqtt.connection import (
     ConnectionClosed,
     ConnectionState,
@@ -38,15 +43,17 @@ from edgegw.mqtt.connection import (
     UnsubscribeRequested,
 )
 from edgegw.errors import OutboxError
-from edgegw.mqtt import persist
+from edgegw.mqtt.sessiondb import SessionDB
 from edgegw.mqtt.broker import LocalBroker
 from edgegw.mqtt.forward import forwarded, record_properties
 from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, PropertyId, ReasonCode
-from edgegw.mqtt.session import Message, Session
+from edgegw.mqtt.session import Message, Outgoing, Session
 from edgegw.ops.otel import Spans
 from edgegw.outbox._record import OutboxFull, record_size
 from edgegw.outbox.store import Outbox
+from edgegw.pipeline.engine import Pipeline
 from edgegw.policy.acl import ACL
+from edgegw.policy.limits import Limiter
 from edgegw.tracing import from_payload, from_user_properties, new_traceparent
 
 log = structlog.get_logger("edgegw.mqtt")
@@ -94,26 +101,37 @@ class MQTTServer:
         self.ssl_context = ssl_context
         self.authorizer = authorizer
         self._acl = acl
+        self.pipeline: Pipeline | None = None
+        """Routes, transforms, tenants (edgegw/pipeline); None: records stored as sent. Replaced whole on reload."""
+        self.limiter: Limiter | None = None
+        """Rate limits and quotas (edgegw/policy/limits.py), checked first for every publish; None: no limits."""
         self._outbox = outbox
-        self._server: asyncio.Server | None = None
+        self._server: TLSListener | None = None
         self._connections: set[DeviceProtocol] = set()
-        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handshakes: set[TLSTransport] = set()
+        # One read buffer for every device connection (edgegw/mqtt/_tls.py): decrypted bytes are copied out of it
+        # before the next connection reads. No TLS buffer is kept per connection.
+        self._tls_scratch = memoryview(bytearray(settings.tls_read_buffer))
         self.devices: dict[str, DeviceProtocol] = {}
         self._dirty: set[DeviceProtocol] = set()
         self._flush_scheduled = False
         self._draining = False
         self.broker = LocalBroker(settings, self._publish_will)
+        # Persistent sessions live in a SQLite file next to ``session_store`` (which, if present, is an older
+        # version's msgpack snapshot: imported once).
+        self.session_db = SessionDB(settings.session_store.with_suffix(".db"), self.broker)
         self._lab_acl = ACL.allow_all()
         self._lab_server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        # asyncio allocates max_size bytes per TLS connection (256 KiB by default; BRIEF §2). The attribute is
-        # per class, so it applies to every asyncio TLS connection in this process, which is what we want.
+        # Device MQTT connections use our own TLS transport (edgegw/mqtt/_tls.py: no per-connection buffer).
+        # asyncio's TLS, still used by other listeners in this process (CoAP over TLS), allocates max_size bytes
+        # per connection (256 KiB by default; BRIEF §2); the attribute is per class, so this bounds all of them.
         sslproto.SSLProtocol.max_size = self.settings.tls_read_buffer
-        persist.load(self.settings.session_store, self.broker)
+        await self.session_db.open(legacy_snapshot=self.settings.session_store)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Acceptor(self), self.settings.bind, self.settings.port, reuse_address=True, backlog=1024)
+        self._server = await TLSListener.create(self.settings.bind, self.settings.port, self._on_accept,
+                                                backlog=1024)
         log.info("mqtt.listening", bind=self.settings.bind, port=self.port,
                  max_connections=self.settings.max_connections)
         if self.settings.lab:
@@ -141,38 +159,34 @@ class MQTTServer:
 
     # --- accept and handshake ------------------------------------------------------------------------------
 
-    def _on_accept(self, transport: asyncio.Transport) -> None:
-        peer = _peer(transport)
+    def _on_accept(self, sock: socket.socket, peer: str) -> None:
         if self._draining or len(self._connections) >= self.settings.max_connections:
             # Refuse at accept, never queue (mosquitto's max_connections; amqtt queues, BRIEF §2).
             self.stats.refused_capacity += 1
             log.warning("mqtt.connection_refused", peer=peer, reason="draining" if self._draining else "capacity",
                         max_connections=self.settings.max_connections)
-            transport.abort()
+            sock.close()
             return
-        transport.pause_reading()  # start_tls resumes it; nothing must be read as plain text before
         proto = DeviceProtocol(self, peer)
         self._connections.add(proto)
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, proto))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        # The context is read here, per connection: after a reload (registry/reload.py) the next handshake uses
+        # the new one. No task per handshake: the transport calls back.
+        transport = TLSTransport(sock, self.ssl_context, proto, self._tls_scratch,
+                                 handshake_timeout=self.settings.connect_timeout,
+                                 on_handshake=functools.partial(self._handshake_done, proto))
+        self._handshakes.add(transport)
 
-    async def _handshake(self, transport: asyncio.Transport, proto: DeviceProtocol) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            tls = await loop.start_tls(transport, proto, self.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=self.settings.connect_timeout)
-        except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
-            self.stats.handshake_failed += 1
-            log.warning("tls.handshake_failed", peer=proto.peer, reason=describe_handshake_error(exc))
-            proto._closed_logged = True
-            transport.abort()
-            self._forget(proto)
+    def _handshake_done(self, proto: DeviceProtocol, transport: TLSTransport, exc: BaseException | None) -> None:
+        self._handshakes.discard(transport)
+        if exc is None:
+            proto.attach(transport)
             return
-        if tls is None:  # the peer went away as the handshake finished
-            self._forget(proto)
-            return
-        proto.attach(tls)
+        proto._closed_logged = True
+        self._forget(proto)
+        if self._draining and isinstance(exc, ConnectionAbortedError):
+            return  # ended by drain(), not by the device
+        self.stats.handshake_failed += 1
+        log.warning("tls.handshake_failed", peer=proto.peer, reason=describe_handshake_error(exc))
 
     def _forget(self, proto: DeviceProtocol) -> None:
         self._connections.discard(proto)
@@ -264,12 +278,12 @@ class MQTTServer:
             await asyncio.sleep(0.01)
         for proto in list(self._connections):
             proto.abort()
-        for task in list(self._handshakes):
-            task.cancel()
+        for transport in list(self._handshakes):
+            transport.abort()
         try:
-            persist.save(self.settings.session_store, self.broker)
-        except OSError as exc:
-            log.error("mqtt.sessions_not_saved", path=str(self.settings.session_store), error=str(exc))
+            await self.session_db.close()  # the exact state of every persistent session, committed
+        except (OSError, sqlite3.Error) as exc:
+            log.error("mqtt.sessions_not_saved", path=str(self.session_db.path), error=str(exc))
         self.broker.close()
         if self._server is not None:
             await self._server.wait_closed()
@@ -285,20 +299,6 @@ read the session of) a real device."""
 def _peer(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-
-
-class _Acceptor(asyncio.Protocol):
-    """Lives only until ``start_tls`` replaces it with the TLS protocol."""
-
-    def __init__(self, server: MQTTServer) -> None:
-        self._server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._server._on_accept(transport)
-
-    def data_received(self, data: bytes) -> None:  # reading is paused; never called in practice
-        pass
 
 
 class DeviceProtocol(asyncio.Protocol):
@@ -323,18 +323,19 @@ class DeviceProtocol(asyncio.Protocol):
         self._ended = False
         self._loop = asyncio.get_running_loop()
         self._accepted_at = self._loop.time()
-        self._early: list[bytes] = []  # data the TLS layer delivered before start_tls returned
+        self._early: list[bytes] = []  # data that arrived before attach() (kept for transports that do that)
         self._last_rx = self._accepted_at
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._closed_logged = False
         self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
+        self._admitted: PublishReceived | None = None  # a rate-limited publish being released (tokens taken)
 
     # --- lifecycle -----------------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.lab:
-            return  # TLS connections are attached by MQTTServer._handshake once start_tls completes
+            return  # TLS connections are attached by MQTTServer._handshake_done once the handshake completes
         assert isinstance(transport, asyncio.Transport)
         self.peer = _peer(transport)
         server = self.server
@@ -436,7 +437,11 @@ class DeviceProtocol(asyncio.Protocol):
             elif isinstance(event, UnsubscribeRequested):
                 assert self.session is not None
                 codes = self.server.broker.unsubscribe(self.session, event.unsubscribe)
-                self.engine.ack_unsubscribe(event.unsubscribe.packet_id, codes)
+                ack = functools.partial(self._unsubscribed, event.unsubscribe.packet_id, codes)
+                if self.session.durable:
+                    self.server.session_db.after_commit(ack)
+                else:
+                    ack(True)
         session = self.session
         if session is not None and session.state.queue and self.engine.can_send:
             self.server.broker.pump(session, self)
@@ -449,8 +454,30 @@ class DeviceProtocol(asyncio.Protocol):
             self._log_closed(self.engine.close(ReasonCode.PROTOCOL_ERROR, "subscription identifier 0"))
             return
         codes, retained = self.server.broker.subscribe(self.session, packet, self.acl, self.device_id)
-        self.engine.ack_subscribe(packet.packet_id, codes)
-        self.server.broker.deliver_all(self.session, retained)
+        ack = functools.partial(self._subscribed, packet.packet_id, codes, retained)
+        if self.session.durable:
+            self.server.session_db.after_commit(ack)  # SUBACK once the subscription is on disk
+        else:
+            ack(True)
+
+    def _subscribed(self, packet_id: int, codes: tuple[int, ...], retained: list[Outgoing], ok: bool) -> None:
+        if self.engine.state is not ConnectionState.CONNECTED or self.session is None:
+            return
+        if not ok:
+            self._log_closed(self.engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "session store failed"))
+        else:
+            self.engine.ack_subscribe(packet_id, codes)
+            self.server.broker.deliver_all(self.session, retained)  # retained messages after the SUBACK
+        self.server.flush_soon(self)
+
+    def _unsubscribed(self, packet_id: int, codes: tuple[int, ...], ok: bool) -> None:
+        if self.engine.state is not ConnectionState.CONNECTED:
+            return
+        if not ok:
+            self._log_closed(self.engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "session store failed"))
+        else:
+            self.engine.ack_unsubscribe(packet_id, codes)
+        self.server.flush_soon(self)
 
     @property
     def backlogged(self) -> bool:
@@ -537,6 +564,9 @@ class DeviceProtocol(asyncio.Protocol):
         self._process(self.engine.pending_events())
 
     def _on_publish(self, event: PublishReceived) -> None:
+        limiter = self.server.limiter
+        if limiter is not None and self._rate_limited(limiter, event):
+            return
         device_id = self.device_id
         assert device_id is not None
         publish = event.publish
@@ -601,6 +631,20 @@ class DeviceProtocol(asyncio.Protocol):
         """Into the outbox; raises OutboxError (OutboxFull) when it may not be stored."""
         publish = event.publish
         assert self.device_id is not None
+        pipeline = self.server.pipeline
+        if pipeline is not None:  # routes/transforms/tenants configured (edgegw/pipeline): 0..n records, one ack
+            serial = self.identity.serial if self.identity is not None else ""
+            tenant = pipeline.tenants.tenant(self.device_id, serial, self._peercert)
+            done = (None if publish.packet_id is None
+                    else functools.partial(self._committed, publish.packet_id, publish.qos))
+            spans = None
+            if self.server.otel is not None and tp is not None:  # the span ends with the first record's commit
+                done, spans = self.server.otel.ingress(tp, done)
+            first = pipeline.submit(self.server._outbox, self.device_id, tenant, event.topic, publish.payload,
+                                    0 if publish.packet_id is None else publish.qos, done, record_props)
+            if spans is not None and first is not None:
+                spans.append(first)
+            return
         otel = self.server.otel
         if otel is not None and tp is not None:  # span export on (edgegw.ingress: arrival -> commit)
             on_commit = (None if publish.packet_id is None
@@ -616,6 +660,11 @@ class DeviceProtocol(asyncio.Protocol):
             self.server._outbox.submit(self.device_id, event.topic, publish.payload, publish.qos,
                                        functools.partial(self._committed, publish.packet_id, publish.qos),
                                        record_props)
+
+    def _peercert(self) -> dict | None:
+        """The verified client certificate (for a tenant from its O/OU); None on the lab listener."""
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        return ssl_object.getpeercert() if ssl_object is not None else None
 
     def _stored(self, event: PublishReceived, fwd: Properties, expires_at: float | None) -> None:
         """After a successful submit: local subscribers, then flow control."""
@@ -651,7 +700,7 @@ class DeviceProtocol(asyncio.Protocol):
 
     def _retry_held(self) -> None:
         held = self._held
-        if held is None:
+        if held is None or held.limited:
             return
         if self.engine.state is not ConnectionState.CONNECTED:
             self._release_held()
@@ -729,6 +778,67 @@ class DeviceProtocol(asyncio.Protocol):
         if self._paused:
             self._maybe_resume()
 
+    # --- rate limits and quotas (edgegw/policy/limits.py, docs/POLICY.md) -------------------------------------
+
+    def _rate_limited(self, limiter: Limiter, event: PublishReceived) -> bool:
+        """First thing for every publish: True if the limiter delayed, refused or dropped it (then nothing else
+        is done with it now).
+
+        Nothing is lost unless the rule says ``drop`` and the publish is QoS 0. ``reject`` needs a MQTT 5 QoS 1/2
+        acknowledgement to carry 0x97, and ``drop`` of a QoS 1/2 publish is refused like ``reject``; what cannot
+        be honoured (3.1.1, QoS 0 under ``reject``) becomes backpressure: the publish is held unacknowledged, the
+        socket is not read, and after the wait it is admitted again and processed, in order, before what followed.
+        """
+        if event is self._admitted:  # released by _retry_limited: its tokens are taken
+            self._admitted = None
+            return False
+        publish = event.publish
+        assert self.device_id is not None
+        admission = limiter.admit(self.device_id, len(publish.payload))
+        if not admission.wait_s:
+            return False
+        packet_id = publish.packet_id
+        if admission.action == "drop" and packet_id is None:
+            limiter.record(admission, "drop", "mqtt")
+        elif admission.action != "backpressure" and packet_id is not None and self.engine.protocol_level == MQTT_5:
+            limiter.record(admission, "reject", "mqtt")
+            self.engine.ack_publish(packet_id, ReasonCode.QUOTA_EXCEEDED)
+        else:
+            limiter.record(admission, "backpressure", "mqtt")
+            self._held = _Held(event, None, NO_PROPERTIES, None, limited=True)
+            self.pause(reason="rate_limited")
+            self._loop.call_later(_limit_wait(admission.wait_s), self._retry_limited)
+            return True
+        stats = self.server.stats  # refused or dropped: received all the same
+        stats.publish_received += 1
+        stats.publish_received_by_qos[publish.qos] += 1
+        return True
+
+    def _retry_limited(self) -> None:
+        held = self._held
+        if held is None or not held.limited:
+            return
+        if self.engine.state is not ConnectionState.CONNECTED:
+            self._release_held()
+            return
+        limiter = self.server.limiter
+        if limiter is not None:
+            assert self.device_id is not None
+            admission = limiter.admit(self.device_id, len(held.event.publish.payload))
+            if admission.wait_s:  # still over (or another device took the shared tokens): wait again
+                self._loop.call_later(_limit_wait(admission.wait_s), self._retry_limited)
+                return
+        self._held = None
+        self._admitted = held.event
+        self._on_publish(held.event)  # may be held again, by a full outbox
+        if self._held is not None:
+            self._held.rest.extend(held.rest)
+            self.flush()
+            return
+        self._process(held.rest)  # may hold again
+        if self._held is None:
+            self._maybe_resume()
+
     # --- flow control and output ---------------------------------------------------------------------------
 
     def pause(self, *, reason: str) -> None:
@@ -798,6 +908,10 @@ class DeviceProtocol(asyncio.Protocol):
 _HOLD_RETRY = 0.05
 """Seconds before a held publish that was refused again asks the outbox for room again."""
 
+_LIMIT_WAIT = (0.01, 5.0)
+"""A rate-limited device is looked at again after its wait, but not sooner than 10 ms (tokens for a batch
+accumulate: one timer per batch, not per message) nor later than 5 s (a quota raised by a reload is noticed)."""
+
 
 @dataclass(slots=True)
 class _Held:
@@ -809,6 +923,13 @@ class _Held:
     fwd: Properties
     expires_at: float | None
     rest: list[Event] = field(default_factory=list)
+    limited: bool = False
+    """Held by a rate limit or quota (not yet admitted, nothing computed: released by ``_retry_limited``)."""
+
+
+def _limit_wait(wait_s: float) -> float:
+    low, high = _LIMIT_WAIT
+    return max(low, min(wait_s, high))
 
 
 def _is_utf8(payload: bytes) -> bool:

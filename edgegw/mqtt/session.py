@@ -11,14 +11,16 @@ certificate can resume it. It holds:
   bounded in count and bytes, the oldest dropped and counted.
 - subscriptions (kept by the server's index; the session only lists the filters to remove them on expiry).
 
-Kept in memory; :mod:`edgegw.mqtt.persist` saves it at shutdown and restores it at start (see docs/MQTT.md).
+Kept in memory and, for persistent sessions, journaled to SQLite in batches (:mod:`edgegw.mqtt.sessiondb`): the
+broker tells a :class:`Journal` what changed; nothing here does I/O (see docs/MQTT.md "Across a gateway restart").
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from edgegw.mqtt.packets import NO_PROPERTIES, Properties, Will
 
@@ -55,6 +57,8 @@ class Outgoing:
     subscription_ids: tuple[int, ...] = ()
     retain: bool = False
     released: bool = False
+    row: int = 0
+    """Its row in the session journal (0: not journaled, e.g. QoS 0 or a session that ends with its connection)."""
 
 
 @dataclass(slots=True)
@@ -73,17 +77,25 @@ class SessionState:
     dropped: int = 0
     """Messages dropped because the queue was full (oldest first)."""
     next_packet_id: int = 1
+    on_finished: Callable[[Outgoing], None] | None = None
+    """Told when a journaled message leaves the session for good (acknowledged, dropped, expired)."""
+
+    def finished(self, item: Outgoing) -> None:
+        if item.row and self.on_finished is not None:
+            self.on_finished(item)
 
     def enqueue(self, item: Outgoing) -> bool:
         """Queue ``item``; past the caps drop the oldest. False if ``item`` itself could not be kept."""
         size = item.message.size
         if size > self.max_queued_bytes:
             self.dropped += 1
+            self.finished(item)
             return False
         while self.queue and (len(self.queue) >= self.max_queued or self.queued_bytes + size > self.max_queued_bytes):
             old = self.queue.popleft()
             self.queued_bytes -= old.message.size
             self.dropped += 1
+            self.finished(old)
         self.queue.append(item)
         self.queued_bytes += size
         return True
@@ -116,3 +128,35 @@ class Session:
     protocol_level: int = 4
     disconnected_at: float | None = None
     """Wall-clock time the last connection ended (None while connected): the expiry countdown's start."""
+    durable: bool = False
+    """Journaled (persistent: session expiry > 0); the journal must hear when it ends."""
+
+
+class Journal(Protocol):
+    """Where the broker reports changes to persistent sessions (:class:`edgegw.mqtt.sessiondb.SessionDB`). Every
+    call is synchronous and cheap (an append); the journal writes them in batches."""
+
+    def session_changed(self, session: Session) -> None: ...
+    def session_dropped(self, key: str) -> None: ...
+    def message_added(self, key: str, item: Outgoing) -> None: ...
+    def message_done(self, item: Outgoing) -> None: ...
+    def retained_changed(self, topic: str) -> None: ...
+
+
+class NoJournal:
+    """Nothing is written (a broker without a session store, e.g. in unit tests)."""
+
+    def session_changed(self, session: Session) -> None:
+        pass
+
+    def session_dropped(self, key: str) -> None:
+        pass
+
+    def message_added(self, key: str, item: Outgoing) -> None:
+        pass
+
+    def message_done(self, item: Outgoing) -> None:
+        pass
+
+    def retained_changed(self, topic: str) -> None:
+        pass

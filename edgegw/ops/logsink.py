@@ -35,6 +35,10 @@ REFUSAL_EVENTS = frozenset({
     "mqtt.protocol_error",
     "outbox.full",
     "uplink.publish_refused",    # the upstream refused a record (quarantined)
+    "coap.connection_refused",   # capacity / draining, at accept
+    "coap.device_refused",       # registry / CRL
+    "coap.request_refused",      # 4.01, 4.03 (ACL), 4.13, 4.15, 4.29 ...
+    "coap.protocol_error",
 })
 """Log events that mean "something was refused"; their names are stable (tests and dashboards rely on them)."""
 

@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgegw.coap.metrics import coap_metrics
 from edgegw.ops.logsink import RATE_LIMITER, RECENT_REFUSALS, report_suppressed
+from edgegw.pipeline.metrics import pipeline_metrics
 
 if TYPE_CHECKING:
     from edgegw.daemon import Gateway
@@ -247,12 +249,9 @@ class GatewayCollector(Collector):
         yield msgs_acked
         yield CounterMetricFamily("edgegw_messages_held", "MQTT 3.1.1 QoS 1/2 publishes held unacknowledged (reading "
                                   "paused) because the outbox was full", value=_num(stats, "publish_held") or 0)
-        # Rate limits per device arrive with the policy issue; the series exists now (always 0) so dashboards and
-        # alerts can be written against it.
-        hits = CounterMetricFamily("edgegw_rate_limit_hits", "Publishes refused or delayed by a per-device rate "
-                                   "limit (no rate limits yet: always 0)", labels=["protocol"])
-        hits.add_metric(["mqtt"], 0)
-        yield hits
+        yield from limit_metrics(getattr(gw, "limiter", None))
+        yield from coap_metrics(getattr(gw, "coap", None))
+        yield from pipeline_metrics(gw)  # routes, drops, quarantine, deprecated versions (edgegw/pipeline/)
         for name, help_text in (("downlink_delivered", "Messages delivered to devices (local subscriptions, "
                                  "downlink)"),
                                 ("downlink_undeliverable", "Downlink messages for devices that are not connected")):
@@ -356,6 +355,57 @@ class GatewayCollector(Collector):
             for name, ts in sorted(self.cert_expiry.items()):
                 fam.add_metric([name], ts)
             yield fam
+
+
+def limit_metrics(limiter: Any) -> Iterator[Metric]:
+    """Rate limits and quotas (edgegw/policy/limits.py): hits by limit and action, quota usage per quota, and the
+    devices closest to their quota (top 10: a per-device series for every device would not scale)."""
+    hits: dict[tuple[str, str, str, str], int] = dict(getattr(limiter, "hits", None) or {})
+    per_protocol: dict[str, int] = {"mqtt": 0}
+    detail = CounterMetricFamily("edgegw_rate_limit_actions", "Messages delayed (backpressure), refused (reject: "
+                                 "MQTT 5 0x97, CoAP 4.29) or dropped (QoS 0) by a rate limit or quota, by protocol, "
+                                 "limit scope, limit name and the action taken", labels=["protocol", "scope", "limit",
+                                                                                         "action"])
+    for (protocol, scope, name, action), n in sorted(hits.items()):
+        detail.add_metric([protocol, scope, name, action], n)
+        per_protocol[protocol] = per_protocol.get(protocol, 0) + n
+    totals = CounterMetricFamily("edgegw_rate_limit_hits", "Messages delayed, refused or dropped by a rate limit or "
+                                 "quota, all limits and actions (edgegw_rate_limit_actions_total has the detail)",
+                                 labels=["protocol"])
+    for protocol, n in sorted(per_protocol.items()):
+        totals.add_metric([protocol], n)
+    yield totals
+    yield detail
+    if limiter is None:
+        return
+    yield GaugeMetricFamily("edgegw_limits_tracked_devices", "Devices whose rate-limit buckets are in memory "
+                            "(at most limits.max_devices)", value=_num(limiter, "tracked_devices") or 0)
+    yield CounterMetricFamily("edgegw_limits_usage_flush_failures", "Failed writes of the quota usage file",
+                              value=_num(limiter, "flush_failures") or 0)
+    report = getattr(limiter, "quota_report", None)
+    if report is None:
+        return
+    try:
+        quotas, top = report()
+    except Exception:  # noqa: BLE001 - a metric never breaks a scrape
+        return
+    used = GaugeMetricFamily("edgegw_quota_usage", "Usage this UTC day/month by the devices under each quota, "
+                             "summed", labels=["quota", "period", "unit"])
+    limit = GaugeMetricFamily("edgegw_quota_limit", "Each device's quota", labels=["quota", "period", "unit"])
+    exhausted = GaugeMetricFamily("edgegw_quota_exhausted_devices", "Devices that used up their quota this period",
+                                  labels=["quota", "period", "unit"])
+    for name, period, unit, total, per_device, out in quotas:
+        used.add_metric([name, period, unit], total)
+        limit.add_metric([name, period, unit], per_device)
+        exhausted.add_metric([name, period, unit], out)
+    ratio = GaugeMetricFamily("edgegw_quota_device_usage_ratio", "Share of its quota a device used this period (the "
+                              "10 devices closest to theirs)", labels=["device", "quota", "period"])
+    for device, name, period, share in top:
+        ratio.add_metric([device, name, period], share)
+    yield used
+    yield limit
+    yield exhausted
+    yield ratio
 
 
 def certificate_expiry(paths: dict[str, Path]) -> dict[str, float]:

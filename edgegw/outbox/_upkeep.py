@@ -53,6 +53,10 @@ class Upkeep:
         """Run a DELETE ... RETURNING device, size and take the rows off the usage counts."""
         async with self._writer.execute(sql, params) as cur:
             rows = await cur.fetchall()
+        return self._forget(rows, into)
+
+    def _forget(self, rows: Any, into: dict[str, int] | None = None) -> int:
+        """Take deleted rows ((device, size) from ``_GONE``) off the usage counts."""
         usage = self._usage
         for raw, size in rows:
             device = device_key(raw)

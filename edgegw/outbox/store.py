@@ -60,6 +60,8 @@ FAIR_SHARE_FROM = 0.9
 evicted first, so the last 10 % stays for the quiet devices."""
 ROOM_AGAIN_BELOW = 0.85
 """:meth:`Outbox.when_room` callbacks run once the fill is below this (hysteresis below FAIR_SHARE_FROM)."""
+_VACUUM_IDLE = 0.5
+"""Seconds without work before the writer gives free pages back to the filesystem."""
 _TRACE_IDS_LOGGED = 20
 """At most this many trace ids of a failed group commit are logged (``outbox.commit_failed``)."""
 _INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
@@ -89,6 +91,7 @@ class Outbox(Upkeep):
         self._decongested: list[Callable[[], None]] = []
         self._room_waiters: list[Callable[[], None]] = []
         self._listeners: list[Callable[[], None]] = []
+        self._handoffs: list[Callable[[int, list[Record]], None]] = []
         # usage, records awaiting commit included: device -> [records, bytes]
         self._usage = opened.usage
         self._count = sum(u[0] for u in self._usage.values())
@@ -261,7 +264,9 @@ class Outbox(Upkeep):
             else:
                 await self._wake.wait()
             self._wake.clear()
-            if self._pending and window > 0 and not self._stopping and \
+            # Deletes wait for the window too: a group of them is one transaction (one fsync) instead of one per
+            # batch of upstream PUBACKs; a delete committed late only means a resend after a crash.
+            if (self._pending or self._to_delete) and window > 0 and not self._stopping and \
                     len(self._pending) < self._settings.commit_max_records:
                 self._group_full = loop.create_future()
                 await asyncio.wait((self._group_full,), timeout=window)
@@ -273,8 +278,14 @@ class Outbox(Upkeep):
                 async with self._committed:
                     self._committed.notify_all()  # waiters see _stopping and return
                 return
-            elif self._vacuum_due and await self._vacuum_step():
-                self._wake.set()
+            elif self._vacuum_due:
+                # Free pages go back only once the writer has been idle for a moment: under load a step (freelist
+                # check, WAL checkpoint and its fsyncs) after every group of deletes would cost as much as the group.
+                try:
+                    await asyncio.wait_for(self._wake.wait(), _VACUUM_IDLE)
+                except TimeoutError:
+                    if await self._vacuum_step():
+                        self._wake.set()
 
     async def _commit_group(self) -> None:
         group = self._pending[: self._settings.commit_max_records]
@@ -293,28 +304,19 @@ class Outbox(Upkeep):
         ok = True
         expired: dict[str, int] = {}
         dropped: dict[str, int] = {}
+        # The common group (inserts and deletes, no upkeep due): one hop to the SQLite thread for the whole
+        # transaction instead of one per statement (each hop is a thread wake-up and a GIL hand-off).
+        fast = not (quarantine or expire or now - self._disk_checked >= _DISK_CHECK_EVERY
+                    or (not self._reject_new and (self._count > self._settings.max_records
+                                                  or self._bytes > self._byte_limit)))
         try:
-            if quarantine:
-                await self._writer.executemany(
-                    "INSERT OR REPLACE INTO quarantine SELECT id, coalesce(device_id, ''), coalesce(topic, ''),"
-                    " coalesce(payload, x''), coalesce(qos, 0), coalesce(received_at, 0), properties, ?, ?"
-                    " FROM records WHERE id=?",
-                    [(reason, time.time(), rid) for rid, reason in quarantine])
-                deletes = deletes | {rid for rid, _ in quarantine}
-            if deletes:
-                await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(list(deletes)),))
-            if group:
-                await self._writer.executemany(_INSERT, [
-                    (r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
-                    for r, size, _ in group])
-            if expire:
-                await self._expire(expired)
-            if now - self._disk_checked >= _DISK_CHECK_EVERY:
-                self._refresh_disk_limit(await self._freelist_bytes())
-            if not self._reject_new and (self._count > self._settings.max_records or self._bytes > self._byte_limit):
-                await self._evict(dropped)
-            await self._writer.execute("COMMIT")
-            await self._writer.execute("BEGIN")
+            if fast:
+                rows = [(r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
+                        for r, size, _ in group]
+                self._forget(await self._writer._execute(  # aiosqlite is pinned exactly (pyproject.toml)
+                    self._write_group, json.dumps(list(deletes)) if deletes else None, rows))
+            else:
+                await self._commit_slow(group, deletes, quarantine, expire, now, expired, dropped)
         except sqlite3.Error as exc:
             ok = False
             self._log.error("outbox.commit_failed", path=str(self._settings.path), error=str(exc),
@@ -348,6 +350,7 @@ class Outbox(Upkeep):
             if dropped:
                 self._log_full("evicted", max(dropped, key=dropped.__getitem__))
             if group:
+                before = self._committed_id
                 self._committed_id = group[-1][0].id
         for record, _, callback in group:
             if callback is not None:
@@ -356,6 +359,13 @@ class Outbox(Upkeep):
                 except Exception:  # one broken connection must not stop the writer
                     self._log.exception("outbox.callback_failed", record_id=record.id)
         if ok and group:
+            if self._handoffs:
+                records = [r for r, _, _ in group]
+                for handoff in list(self._handoffs):
+                    try:
+                        handoff(before, records)
+                    except Exception:  # the uplink's problem must not stop the writer
+                        self._log.exception("outbox.callback_failed", callback="handoff")
             for listener in list(self._listeners):
                 listener()
             async with self._committed:
@@ -372,6 +382,43 @@ class Outbox(Upkeep):
                     cb()
                 except Exception:
                     self._log.exception("outbox.callback_failed", callback="when_room")
+
+    async def _commit_slow(self, group: list[tuple[Record, int, CommitCallback | None]], deletes: set[int],
+                           quarantine: list[tuple[int, str]], expire: bool, now: float, expired: dict[str, int],
+                           dropped: dict[str, int]) -> None:
+        """A group transaction with upkeep (quarantine, TTL sweep, disk check, eviction): statement by statement."""
+        if quarantine:
+            await self._writer.executemany(
+                "INSERT OR REPLACE INTO quarantine SELECT id, coalesce(device_id, ''), coalesce(topic, ''),"
+                " coalesce(payload, x''), coalesce(qos, 0), coalesce(received_at, 0), properties, ?, ?"
+                " FROM records WHERE id=?",
+                [(reason, time.time(), rid) for rid, reason in quarantine])
+            deletes = deletes | {rid for rid, _ in quarantine}
+        if deletes:
+            await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(list(deletes)),))
+        if group:
+            await self._writer.executemany(_INSERT, [
+                (r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
+                for r, size, _ in group])
+        if expire:
+            await self._expire(expired)
+        if now - self._disk_checked >= _DISK_CHECK_EVERY:
+            self._refresh_disk_limit(await self._freelist_bytes())
+        if not self._reject_new and (self._count > self._settings.max_records or self._bytes > self._byte_limit):
+            await self._evict(dropped)
+        await self._writer.execute("COMMIT")
+        await self._writer.execute("BEGIN")
+
+    def _write_group(self, deletes: str | None, rows: list[tuple[Any, ...]]) -> list[Any]:
+        """On the SQLite thread: a whole common group transaction; returns the deleted rows (device, size)."""
+        conn = self._writer._conn
+        gone = conn.execute(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (deletes,)).fetchall() \
+            if deletes else []
+        if rows:
+            conn.executemany(_INSERT, rows)
+        conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        return gone
 
     # --- reads for the uplink -------------------------------------------------------------------------------
 
@@ -410,6 +457,16 @@ class Outbox(Upkeep):
     def remove_commit_listener(self, callback: Callable[[], None]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
+
+    def add_handoff(self, callback: Callable[[int, list[Record]], None]) -> None:
+        """Hand every committed group to ``callback(before, records)`` (synchronously, from the writer, after the
+        commit): ``records`` in id order, and every id up to ``before`` was committed (or dropped) by earlier
+        groups. So a reader that has seen everything up to ``before`` can take ``records`` without a query."""
+        self._handoffs.append(callback)
+
+    def remove_handoff(self, callback: Callable[[int, list[Record]], None]) -> None:
+        if callback in self._handoffs:
+            self._handoffs.remove(callback)
 
     @property
     def pending_count(self) -> int:

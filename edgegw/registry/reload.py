@@ -3,11 +3,12 @@
 :class:`Credentials` owns what decides who may connect: the server certificate and key, the CA bundle, the CRL
 (``tls.*``) and the registry snapshot (``registry.path``). On SIGHUP, or when one of those files changes (polled
 every ``tls.reload_interval`` seconds), it builds a complete NEW :class:`ssl.SSLContext` and only then assigns it to
-``MQTTServer.ssl_context``: new handshakes use it, established sessions keep theirs (and a fresh context also has a
-fresh session cache, so nothing resumes past a new CRL). Material that does not load (a truncated key, a CRL not
-signed by the CA, an expired CRL, ...) is refused with ``tls.reload_failed`` naming the file, and the running material
-stays. After a successful reload, live sessions of devices whose certificate the CRL now revokes, or which the
-registry says are suspended or revoked, are closed (MQTT 5: DISCONNECT 0x87).
+the ``ssl_context`` of every attached listener (MQTT, CoAP): new handshakes use it, established sessions keep
+theirs (and a fresh context also has a fresh session cache, so nothing resumes past a new CRL). Material that does
+not load (a truncated key, a CRL not signed by the CA, an expired CRL, ...) is refused with ``tls.reload_failed``
+naming the file, and the running material stays. After a successful reload, live sessions of devices whose
+certificate the CRL now revokes, or which the registry says are suspended or revoked, are closed (MQTT 5:
+DISCONNECT 0x87; CoAP: the connection is closed after an RFC 8323 Abort).
 
 For a metrics module: :attr:`Credentials.server_cert_not_after`, :attr:`soonest_device_not_after` (from the
 registry; None without one) and :attr:`crl_next_update` (datetimes, UTC), reachable as ``Gateway.credentials``.
@@ -128,6 +129,8 @@ class Credentials:
         self.tls = tls
         self.registry_path = registry.path
         self.server: object | None = None
+        """The first listener attached (the MQTTServer), kept for callers that expect one."""
+        self.listeners: list[object] = []
         self._material: _Material | None = None
         self._fingerprint: Fingerprint = ()
         self.reloads = 0
@@ -156,8 +159,13 @@ class Credentials:
         return self._material.context
 
     def attach(self, server: object) -> None:
-        """``server`` is the MQTTServer whose ``ssl_context`` / ``authorizer`` / sessions we manage."""
-        self.server = server
+        """Manage one more device-facing listener: its ``authorizer`` is set now; on every successful reload its
+        ``ssl_context`` is replaced and the devices no longer allowed are closed. The MQTTServer's live sessions
+        are walked here (``devices`` / ``disconnect_device``); any other listener (CoAP) says itself whom it closed
+        through ``close_refused(authorize) -> list[device_id]``."""
+        if self.server is None:
+            self.server = server
+        self.listeners.append(server)
         server.authorizer = self.authorize  # type: ignore[attr-defined]
 
     def authorize(self, identity: DeviceIdentity) -> str | None:
@@ -187,10 +195,13 @@ class Credentials:
             return False
         self._material = material
         self.reloads += 1
-        server = self.server
         closed: list[str] = []
-        if server is not None:
+        for server in self.listeners:
             server.ssl_context = material.context  # type: ignore[attr-defined]
+            close_refused = getattr(server, "close_refused", None)
+            if close_refused is not None:
+                closed += close_refused(self.authorize)
+                continue
             for key, proto in list(server.devices.items()):  # type: ignore[attr-defined]
                 identity = getattr(proto, "identity", None)
                 if getattr(proto, "lab", False) or identity is None:

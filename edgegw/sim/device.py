@@ -1,13 +1,14 @@
-"""A simulated device: a light asyncio MQTT 3.1.1 client on our own codec (the fleet is in :mod:`.fleet`).
+"""A simulated device: a light asyncio MQTT 3.1.1 / 5 client on our own codec (the fleet is in :mod:`.fleet`).
 
 Why not paho or amqtt: a simulator must hold 1,000+ mTLS devices in one process. Here a device is one
 :class:`asyncio.Protocol` (no reader task, no future per message): the fleet's one scheduler task hands out
 "publish n more" credits, and a device writes while its in-flight window (default 16) has room. PUBACKs free the
 window, so a slow gateway slows the devices instead of growing buffers.
 
-Each message carries ``{"device": id, "seq": n, "t": unix time, "temp": ...}``. ``seq`` starts at 1 and never
-repeats for a device; a message that was not acknowledged when the connection dropped is sent again after the
-reconnect with the same seq (and packet id, DUP set), so the cloud side can tell duplicates from loss.
+Each message carries ``{"device": id, "seq": n, "t": unix time, "temp": ...}`` (or what a ``payload`` function
+makes of device id, seq and time, see :mod:`.payload`). ``seq`` starts at 1 and never repeats for a device; a
+message that was not acknowledged when the connection dropped is sent again after the reconnect with the same seq
+(and packet id, DUP set), so the cloud side can tell duplicates from loss.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet, encode_publish
-from edgegw.mqtt.packets import MQTT_311, Connack, Connect, Disconnect, Pingreq, Puback, Publish
+from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Disconnect, Pingreq, Puback, Publish
 
-_PINGREQ = encode_packet(Pingreq(), MQTT_311)
-_DISCONNECT = encode_packet(Disconnect(), MQTT_311)
+_PINGREQ = encode_packet(Pingreq(), MQTT_311)  # the same two bytes in 3.1.1 and 5
+_DISCONNECT = {MQTT_311: encode_packet(Disconnect(), MQTT_311), MQTT_5: encode_packet(Disconnect(), MQTT_5)}
 _MAX_PACKET = 64 * 1024  # what a device accepts from the gateway (CONNACK, PUBACK, PINGRESP: a few bytes)
 
 
@@ -68,6 +69,30 @@ class SeqSet:
         yield from range(1, self._low)
         yield from sorted(self._above)
 
+    def to_ranges(self) -> list[list[int]]:
+        """``[[first, last], ...]`` inclusive: compact enough to send a fleet's acknowledged seqs as JSON."""
+        ranges: list[list[int]] = [[1, self._low - 1]] if self._low > 1 else []
+        for seq in sorted(self._above):
+            if ranges and ranges[-1][1] == seq - 1:
+                ranges[-1][1] = seq
+            else:
+                ranges.append([seq, seq])
+        return ranges
+
+    @classmethod
+    def from_ranges(cls, ranges: list[list[int]]) -> SeqSet:
+        seqs = cls()
+        for first, last in sorted(ranges):
+            if first == seqs._low:
+                seqs._low = last + 1
+                while seqs._low in seqs._above:
+                    seqs._above.remove(seqs._low)
+                    seqs._low += 1
+            else:
+                for seq in range(first, last + 1):
+                    seqs.add(seq)
+        return seqs
+
     def count_missing_from(self, other: SeqSet) -> int:
         """How many of our seqs ``other`` lacks."""
         missing = sum(1 for s in self._above if s not in other)
@@ -75,6 +100,16 @@ class SeqSet:
         covered = min(self._low, other._low) - 1
         missing += sum(1 for s in range(covered + 1, self._low) if s not in other._above)
         return missing
+
+
+Payload = Callable[[str, int, float], bytes]
+"""Makes a message body from (device id, seq, unix time)."""
+
+
+def default_payload(device_id: str, seq: int, wall: float) -> bytes:
+    return json.dumps({"device": device_id, "seq": seq, "t": round(wall, 6),
+                       "temp": round(21.0 + 4.0 * math.sin(seq / 50.0) + random.random(), 2)},
+                      separators=(",", ":")).encode()
 
 
 class LatencySamples:
@@ -149,9 +184,15 @@ class Device:
     def __init__(self, device_id: str, host: str, port: int, ssl_context: ssl.SSLContext, *,
                  server_hostname: str | None = None, topic: str | None = None, window: int = 16,
                  keepalive: int = 30, reconnect_min: float = 0.2, reconnect_max: float = 5.0,
-                 connect_timeout: float = 10.0, latencies: LatencySamples | None = None) -> None:
+                 connect_timeout: float = 10.0, latencies: LatencySamples | None = None,
+                 protocol: int = MQTT_311, payload: Payload = default_payload, max_backlog: int = 100_000) -> None:
         if not 1 <= window <= 65535:
             raise ValueError(f"window must be 1-65535, got {window}")
+        if protocol not in (MQTT_311, MQTT_5):
+            raise ValueError(f"protocol must be {MQTT_311} (3.1.1) or {MQTT_5} (5), got {protocol}")
+        self.protocol = protocol
+        self._payload = payload
+        self.max_backlog = max_backlog
         self.device_id = device_id
         self.topic = topic or f"devices/{device_id}/telemetry"
         self.host, self.port = host, port
@@ -172,6 +213,7 @@ class Device:
         self._last_tx = 0.0
         self._last_rx = 0.0
         self._closing = False
+        self._online: asyncio.Event | None = None  # set: may connect; cleared by go_offline()
         self.connected = False
         self._next_seq = 1
         self._next_pid = 1
@@ -181,6 +223,10 @@ class Device:
         self.published = 0
         """Messages sent at least once (resends are not counted again)."""
         self.acknowledged = 0
+        self.refused = 0
+        """PUBACKs with an error reason code (MQTT 5: e.g. 0x87 not authorized, 0x97 quota exceeded)."""
+        self.dropped = 0
+        """Messages that came due while ``backlog`` was at ``max_backlog`` (a device's buffer is finite too)."""
         self.resent = 0
         self.connects = 0
         self.connect_failures = 0
@@ -196,9 +242,16 @@ class Device:
     async def run(self) -> None:
         """Connect and stay connected until :meth:`close`; cancel to stop at once."""
         loop = self._loop = asyncio.get_running_loop()
+        if self._online is None:
+            self._online = asyncio.Event()
+            self._online.set()
         attempt = 0
         try:
             while not self._closing:
+                if not self._online.is_set():
+                    await self._online.wait()  # offline (powered down): nothing until go_online()
+                    attempt = 0
+                    continue
                 error = await self._connect_once(loop)
                 if error is None:
                     attempt = 0
@@ -211,6 +264,8 @@ class Device:
                 self._drop()
                 if self._closing:
                     break
+                if not self._online.is_set():
+                    continue
                 cap = min(self.reconnect_max, self.reconnect_min * 2 ** min(attempt, 20))
                 attempt += 1
                 await asyncio.sleep(max(self.reconnect_min / 2, random.uniform(0, cap)))
@@ -253,15 +308,39 @@ class Device:
         self._closing = True
         transport = self._transport
         if transport is not None and self.connected:
-            transport.write(_DISCONNECT)
+            transport.write(self._goodbye())
             transport.close()  # flushes first; _drop() must not abort it
             self._transport = None
         self._set_lost("closed")
+        if self._online is not None:
+            self._online.set()  # wake an offline run() so it can end
+
+    def kick(self) -> None:
+        """Drop the connection as a network failure would (no DISCONNECT); :meth:`run` reconnects with backoff."""
+        if self._transport is not None:
+            self._set_lost("kicked (simulated network failure)")
+            self._transport.abort()
+
+    def go_offline(self) -> None:
+        """Power down: drop the link and stay away until :meth:`go_online`. Due messages keep piling up in
+        ``backlog`` (bounded by ``max_backlog``), as on a device that buffers while offline."""
+        if self._online is None:
+            self._online = asyncio.Event()
+        self._online.clear()
+        self.kick()
+
+    def go_online(self) -> None:
+        if self._online is not None:
+            self._online.set()
 
     # --- publishing -----------------------------------------------------------------------------------------
 
     def request(self, n: int) -> None:
         """``n`` more messages are due: send them as the window allows."""
+        room = self.max_backlog - self.backlog
+        if n > room:
+            self.dropped += n - max(room, 0)
+            n = max(room, 0)
         self.backlog += n
         self.pump()
 
@@ -274,14 +353,12 @@ class Device:
         now = self._loop.time()
         wall = time.time()
         frames = []
+        make_payload, device_id, encode = self._payload, self.device_id, self._encode
         for _ in range(min(room, self.backlog)):
             seq = self._next_seq
             self._next_seq = seq + 1
             pid = self._take_pid()
-            payload = json.dumps({"device": self.device_id, "seq": seq, "t": round(wall, 6),
-                                  "temp": round(21.0 + 4.0 * math.sin(seq / 50.0) + random.random(), 2)},
-                                 separators=(",", ":")).encode()
-            frame = encode_publish(Publish(self.topic, payload, qos=1, packet_id=pid), MQTT_311)
+            frame = encode(pid, make_payload(device_id, seq, wall))
             self._inflight[pid] = _Inflight(seq, frame, now)
             frames.append(frame)
         self.backlog -= len(frames)
@@ -293,6 +370,25 @@ class Device:
         """Forget messages that are due but unsent (the fleet stopped publishing); returns how many."""
         n, self.backlog = self.backlog, 0
         return n
+
+    # --- the wire (MQTT here; edgegw/sim/coap_device.py overrides these for CoAP) ----------------------------------
+
+    def _encode(self, pid: int, payload: bytes) -> bytes:
+        return encode_publish(Publish(self.topic, payload, qos=1, packet_id=pid), self.protocol)
+
+    def _redelivery(self, frame: bytes) -> bytes:
+        """An unacknowledged message sent again on a new connection: same packet id and seq, DUP set."""
+        return bytes((frame[0] | 0x08,)) + frame[1:]
+
+    def _hello(self) -> bytes:
+        # A fresh session every time: the gateway keeps none, and un-acked messages are resent by us (DUP).
+        return encode_packet(Connect(self.protocol, self.device_id, True, self.keepalive), self.protocol)
+
+    def _ping(self) -> bytes:
+        return _PINGREQ
+
+    def _goodbye(self) -> bytes:
+        return _DISCONNECT[self.protocol]
 
     def _take_pid(self) -> int:
         pid = self._next_pid
@@ -307,9 +403,11 @@ class Device:
         assert self._loop is not None and conn.transport is not None
         self._conn = conn
         self._transport = conn.transport
+        if self._online is not None and not self._online.is_set():  # went offline during the handshake
+            self.kick()
+            return
         self._last_rx = self._last_tx = self._loop.time()
-        # A fresh session every time: the gateway keeps none, and un-acked messages are resent by us (DUP).
-        conn.transport.write(encode_packet(Connect(MQTT_311, self.device_id, True, self.keepalive), MQTT_311))
+        conn.transport.write(self._hello())
 
     def _on_data(self, data: bytes) -> None:
         assert self._loop is not None
@@ -319,11 +417,13 @@ class Device:
         acked = False
         try:
             while (frame := frames.next_frame()) is not None:
-                packet = decode_packet(frame[0], frame[1], MQTT_311)
+                packet = decode_packet(frame[0], frame[1], self.protocol)
                 if isinstance(packet, Puback):
-                    acked |= self._on_puback(packet.packet_id)
+                    acked |= self._on_puback(packet)
                 elif isinstance(packet, Connack):
                     self._on_connack(packet)
+                elif isinstance(packet, Disconnect):  # MQTT 5: the gateway says why before it closes
+                    self._set_lost(f"DISCONNECT from gateway: {packet.reason_code.name}")
                 # PINGRESP only refreshes _last_rx; the gateway sends nothing else to a publisher.
         except MQTTProtocolError as exc:
             self._set_lost(f"protocol error from gateway: {exc}")
@@ -346,24 +446,34 @@ class Device:
         if packet.reason_code.is_error:
             self._connack.set_result(f"CONNACK refused: {packet.reason_code.name}")
             return
+        self._session_up()
+
+    def _session_up(self) -> None:
+        """The gateway accepted us: count it, resend what the last connection left unacknowledged, start pumping."""
+        assert self._connack is not None
         self.connected = True
         self.connects += 1
         self._connack.set_result(None)
         assert self._transport is not None and self._loop is not None
-        if self._inflight:  # not acknowledged on the previous connection: same packet id and seq, DUP set
+        if self._inflight:  # not acknowledged on the previous connection
             self.resent += len(self._inflight)
-            self._transport.write(b"".join(bytes((m.frame[0] | 0x08,)) + m.frame[1:]
-                                           for m in self._inflight.values()))
+            self._transport.write(b"".join(self._redelivery(m.frame) for m in self._inflight.values()))
             self._last_tx = self._loop.time()
         if self.keepalive:
             self._timer = self._loop.call_later(self.keepalive / 2, self._on_timer)
         self.pump()
 
-    def _on_puback(self, pid: int) -> bool:
+    def _on_puback(self, packet: Puback) -> bool:
+        return self._on_ack(packet.packet_id, not packet.reason_code.is_error)
+
+    def _on_ack(self, pid: int, ok: bool) -> bool:
         message = self._inflight.pop(pid, None)
         if message is None:
-            return False  # a late PUBACK for a resend we already counted
+            return False  # a late acknowledgement for a resend we already counted
         assert self._loop is not None
+        if not ok:  # MQTT 5 PUBACK >= 0x80, CoAP 4.xx/5.xx: refused, not stored; the window is free again
+            self.refused += 1
+            return True
         self.acknowledged += 1
         self.acked.add(message.seq)
         self.latencies.add(self._loop.time() - message.first_sent)
@@ -380,6 +490,6 @@ class Device:
             transport.abort()
             return
         if now - self._last_tx >= self.keepalive / 2:
-            transport.write(_PINGREQ)
+            transport.write(self._ping())
             self._last_tx = now
         self._timer = loop.call_later(self.keepalive / 2, self._on_timer)

@@ -3,7 +3,9 @@
 A paho client in its own thread (``loop_start``) subscribes to ``{topic_prefix}/#`` at QoS 1 over mutual TLS and
 reads the simulator's JSON payloads (``{"device": id, "seq": n, ...}``, see :mod:`edgegw.sim.device`). Per device it
 counts unique seqs (``delivered``), ``duplicates`` (a seq seen before) and ``out_of_order`` (a new seq below the
-highest seen). ``lost`` is computed against the fleet: seqs the gateway acknowledged that never arrived here.
+highest seen). ``lost`` is computed against the fleet: seqs the gateway acknowledged that never arrived here;
+without the fleet's record, :meth:`CloudSink.gaps` counts the seqs missing below each device's highest. A payload's
+``"t"`` (unix time at the device) gives the delivery latency (same clock: sink and devices on one machine).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import ssl
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +22,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edgegw.sim.device import SeqSet
+from edgegw.sim.device import LatencySamples, SeqSet
 
 
 @dataclass(slots=True)
@@ -54,6 +57,8 @@ class CloudSink:
         """Messages whose topic does not name the device in their payload (``{prefix}/{device}/...``)."""
         self.connects = 0
         self.last_error: str | None = None
+        self.latencies = LatencySamples()
+        """Device send time (payload ``t``) to arrival here, first delivery of each seq only."""
         v5 = protocol == "5"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311)
@@ -103,6 +108,32 @@ class CloudSink:
     def has_all(self, acked: Mapping[str, SeqSet]) -> bool:
         return self.lost(acked) == 0
 
+    def gaps(self) -> int:
+        """Seqs missing below each device's highest delivered seq (lost, or not arrived yet)."""
+        with self._lock:
+            return sum(t.highest - len(t.seqs) for t in self._tally.values() if t.highest > len(t.seqs))
+
+    def per_device(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {d: {"delivered": len(t.seqs), "highest": t.highest, "duplicates": t.duplicates,
+                        "out_of_order": t.out_of_order, "gaps": max(0, t.highest - len(t.seqs))}
+                    for d, t in sorted(self._tally.items())}
+
+    def report(self, acked: Mapping[str, SeqSet] | None = None) -> dict[str, object]:
+        """Totals as a JSON-ready dict; ``lost`` only when the fleet's acknowledged seqs are given."""
+        with self._lock:
+            p50, p99 = self.latencies.percentiles(50, 99)
+            out: dict[str, object] = {
+                "received": self.received, "delivered": self.delivered, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "malformed": self.malformed, "misrouted": self.misrouted,
+                "devices": len(self._tally),
+                "latency_ms": {"p50": _ms(p50), "p99": _ms(p99), "max": _ms(self.latencies.max)},
+            }
+        out["gaps"] = self.gaps()
+        if acked is not None:
+            out["lost"] = self.lost(acked)
+        return out
+
     def seqs(self, device_id: str) -> SeqSet:
         with self._lock:
             tally = self._tally.get(device_id)
@@ -149,8 +180,15 @@ class CloudSink:
                 self.duplicates += 1
                 return
             self.delivered += 1
+            sent_at = body.get("t")
+            if isinstance(sent_at, int | float) and not isinstance(sent_at, bool):
+                self.latencies.add(max(0.0, time.time() - sent_at))
             if seq < tally.highest:
                 tally.out_of_order += 1
                 self.out_of_order += 1
             else:
                 tally.highest = seq
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)

@@ -1,40 +1,37 @@
-"""One connection attempt of the uplink: a fresh paho client driven from the asyncio loop (add_reader /
-add_writer, ``loop_misc`` once a second), its in-flight publishes and the futures the pump waits on."""
+"""``uplink.client = "paho"``: one connection attempt driven by a fresh paho client from the asyncio loop
+(add_reader / add_writer, ``loop_misc`` once a second), as aiomqtt 2.5.1 does (STYLE §2): ``connect()`` (TCP, TLS
+handshake, CONNECT written) runs in an executor; after it the socket is watched by the loop. Every attempt gets a
+fresh client, so paho never resends anything on its own: what was not acknowledged is sent again from the outbox."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edgegw.tracing import trace_id_of
+from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
+from edgegw.uplink._linkbase import LinkBase, PackedProperties
 from edgegw.uplink._wire import _close_socket
 
 if TYPE_CHECKING:
-    from edgegw.outbox.store import Record
     from edgegw.uplink.paho_bridge import Uplink
 
 _MISC_INTERVAL = 1.0  # paho's loop_misc: keepalive pings and PINGRESP timeout
 _OK = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-class _Link:
+class _Link(LinkBase):
     """One connection attempt: a fresh paho client, its socket registrations, timer and in-flight publishes."""
 
     def __init__(self, uplink: Uplink, loop: asyncio.AbstractEventLoop, host: str, port: int) -> None:
+        super().__init__(uplink, loop, host, port)
         s = uplink._settings
-        self.uplink = uplink
-        self.loop = loop
-        self.host, self.port = host, port
-        self.failing_back = False
-        self.mqtt5 = s.protocol == "5"
-        self.window = s.inflight_window
         protocol = MQTTProtocolVersion.MQTTv5 if self.mqtt5 else MQTTProtocolVersion.MQTTv311
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uplink.client_id, protocol=protocol,
                              reconnect_on_failure=False)  # no silent reconnects (or v3.1 downgrades) inside paho
@@ -42,29 +39,54 @@ class _Link:
         # Our window bounds what is in flight; paho's must match so it never queues (each PUBACK scans its list:
         # keep it small, BRIEF §2).
         client.max_inflight_messages_set(self.window)
-        client.tls_set_context(uplink._tls)
+        server_name = s.tls_server_name or s.host
+        # paho checks the certificate against the address it connects to; name the server we expect instead.
+        tls: Any = uplink._ssl_context
+        if server_name != s.host:
+            tls = _ServerName(tls, server_name)
+        client.tls_set_context(tls)
         self.paho_log = _LastError()
         client.enable_logger(self.paho_log)
         self.client = client  # no callbacks yet: connect() runs in another thread, callbacks touch loop objects
-        self.inflight: dict[int, Record | list[Record]] = {}  # paho mid -> the record, or the records of a frame
-        self.acks: list[int] = []  # acknowledged record ids, handed to the outbox once per socket read
-        self.connack: asyncio.Future[str | None] = loop.create_future()  # None: accepted; else why refused
-        self.lost: asyncio.Future[str] = loop.create_future()
-        self.slot: asyncio.Future[None] | None = None
-        self.max_packet: int | None = None  # the server's Maximum Packet Size (MQTT 5 CONNACK)
-        self.probe_mid = 0
-        self.probe_next = 0
-        self.probe_t = 0.0
-        self.boundary = 0  # records with ids up to this are the backlog of this connection
-        self.command_mid = -1  # mid of the command-topic SUBSCRIBE
-        self.commands_subscribed = False
-        self.poked = False
         self.fd = -1
         self.sock: Any = None
         self.misc: asyncio.TimerHandle | None = None
         self._lock = threading.Lock()
         self._thread_done = False
         self._abandoned = False
+
+    @property
+    def error(self) -> str | None:
+        return self.paho_log.last
+
+    async def establish(self) -> str | None:
+        s = self.uplink._settings
+        loop = self.loop
+        deadline = loop.time() + s.connect_timeout
+        connecting = loop.run_in_executor(None, self.blocking_connect, self.host, self.port, s.keepalive)
+        # asyncio.wait, not wait_for: the thread cannot be cancelled; on timeout or cancellation close()
+        # leaves the socket to the thread, which closes it when connect() returns.
+        await asyncio.wait((connecting,), timeout=s.connect_timeout)
+        if not connecting.done():
+            return f"TCP/TLS connect timed out after {s.connect_timeout} s"
+        error = connecting.result()
+        if error is not None:
+            return error
+        self.attach()
+        await asyncio.wait((self.connack, self.lost), timeout=max(0.0, deadline - loop.time()),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if self.connack.done():
+            return self.connack.result()
+        if self.lost.done():
+            return self.paho_log.last or f"connection closed before CONNACK: {self.lost.result()}"
+        return f"no CONNACK within {s.connect_timeout} s"
+
+    def publish(self, topic: str, payload: bytes, properties: PackedProperties | None) -> int:
+        info = self.client.publish(topic, payload, 1, False, properties)  # type: ignore[arg-type]
+        if info.rc != _OK:
+            self.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
+            return 0
+        return int(info.mid)
 
     def blocking_connect(self, host: str, port: int, keepalive: int) -> str | None:
         """In an executor thread: TCP connect, TLS handshake, CONNECT written. Returns None or the error."""
@@ -102,31 +124,6 @@ class _Link:
             self.loop.add_writer(self.fd, self._on_writable)
         self.misc = self.loop.call_later(_MISC_INTERVAL, self._on_misc)
 
-    def set_lost(self, reason: str) -> None:
-        if not self.lost.done():
-            self.lost.set_result(reason)
-        self._wake()
-
-    async def wait(self, timeout: float) -> None:
-        """Until a PUBACK, a commit in the outbox, the loss of the connection, or ``timeout`` seconds."""
-        if self.poked or self.lost.done():
-            self.poked = False
-            return
-        self.slot = self.loop.create_future()
-        try:
-            await asyncio.wait((self.slot,), timeout=timeout)
-        finally:
-            self.slot = None
-            self.poked = False
-
-    def poke(self) -> None:
-        self._wake()
-
-    def _wake(self) -> None:
-        self.poked = True
-        if self.slot is not None and not self.slot.done():
-            self.slot.set_result(None)
-
     def close(self, graceful: bool) -> None:
         """Release everything; with ``graceful``, try to send DISCONNECT first. Idempotent."""
         with self._lock:
@@ -156,11 +153,6 @@ class _Link:
             self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
             self.fd = -1
-
-    def _flush_acks(self) -> None:
-        if self.acks:
-            self.uplink._outbox.ack(self.acks)
-            self.acks = []
 
     # --- loop callbacks -------------------------------------------------------------------------------------
 
@@ -236,9 +228,10 @@ class _Link:
             return
         if self.mqtt5:
             options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-            rc, self.command_mid = self.client.subscribe(topic_filter, options=options)
+            rc, mid = self.client.subscribe(topic_filter, options=options)
         else:
-            rc, self.command_mid = self.client.subscribe(topic_filter, 1)
+            rc, mid = self.client.subscribe(topic_filter, 1)
+        self.command_mid = mid if mid is not None else -1
         if rc != _OK:
             self.set_lost(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(rc)}")
 
@@ -255,7 +248,9 @@ class _Link:
             self.commands_subscribed = True
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        self.uplink._on_command(message)  # paho acknowledges it (PUBACK) when this returns
+        # paho acknowledges it (PUBACK) when this returns
+        self.uplink._on_command(message.topic, bytes(message.payload), message.qos, bool(message.retain),
+                                _command_properties(getattr(message, "properties", None)))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         text = str(reason)
@@ -267,29 +262,24 @@ class _Link:
         self.set_lost(text)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        carried = self.inflight.pop(mid, None)
-        if carried is None:
-            return
-        records = carried if isinstance(carried, list) else (carried,)  # a frame carries a list of records
-        if reason.value >= 0x80:
-            text = f"PUBACK {reason} (0x{reason.value:02x})"
-            reason_string = getattr(properties, "ReasonString", None)
-            for record in records:
-                self.uplink._quarantine(record.id, f"{text}: {reason_string}" if reason_string else text,
-                                        trace_id_of(record.properties))
-        else:
-            ids = [record.id for record in carried] if isinstance(carried, list) else (carried.id,)
-            self.acks.extend(ids)
-            self.uplink.acked += len(ids)
-            if self.uplink.otel is not None:
-                self.uplink.otel.uplink_acked(records)
-            backfill = self.uplink._backfill
-            if backfill is not None:
-                backfill.acked += sum(1 for record_id in ids if record_id <= self.boundary)
-        if mid == self.probe_mid:
-            self.uplink.last_rtt = time.monotonic() - self.probe_t
-            self.probe_mid = 0
+        self._settle(mid, reason.value, getattr(properties, "ReasonString", None))
         self._wake()
+
+
+def _command_properties(props: Any) -> Properties:
+    """paho's properties of a command as edgegw's (only those a command carries down to a device)."""
+    if props is None:
+        return NO_PROPERTIES
+    values: dict[PropertyId, int | str | bytes] = {}
+    for pid, name in ((PropertyId.PAYLOAD_FORMAT_INDICATOR, "PayloadFormatIndicator"),
+                      (PropertyId.MESSAGE_EXPIRY_INTERVAL, "MessageExpiryInterval"),
+                      (PropertyId.CONTENT_TYPE, "ContentType"), (PropertyId.RESPONSE_TOPIC, "ResponseTopic"),
+                      (PropertyId.CORRELATION_DATA, "CorrelationData")):
+        value = getattr(props, name, None)
+        if value is not None:
+            values[pid] = bytes(value) if pid == PropertyId.CORRELATION_DATA else value
+    user = tuple((str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or ()))
+    return Properties(values=values, user=user) if values or user else NO_PROPERTIES
 
 
 class _LastError(logging.Logger):
@@ -308,3 +298,20 @@ class _LastError(logging.Logger):
                 self.last = str(msg) % args if args else str(msg)
             except (TypeError, ValueError):
                 self.last = f"{msg} {args}"
+
+
+class _ServerName:
+    """Stands in for the SSLContext handed to paho so the certificate is checked against ``server_name`` rather
+    than the address paho connects to (paho calls ``wrap_socket(sock, server_hostname=host, ...)``)."""
+
+    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+        self._context = context
+        self._server_name = server_name
+
+    @property
+    def check_hostname(self) -> bool:
+        return self._context.check_hostname
+
+    def wrap_socket(self, sock: Any, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self._server_name
+        return self._context.wrap_socket(sock, **kwargs)

@@ -3,6 +3,7 @@ sizes, and the checks that set a record aside rather than get the connection dro
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import Any
@@ -56,9 +57,26 @@ def _packet_size(topic: str, payload: bytes, properties: _PackedProperties | Non
 
 
 def _user_properties(record: Record) -> _PackedProperties:
-    body = (_utf8_pair("edgegw-record-id", str(record.id)) + _utf8_pair("edgegw-device-id", record.device_id)
-            + _utf8_pair("edgegw-received-at", iso_utc_ms(record.received_at)))
-    return _PackedProperties(_varint(len(body)) + body)
+    body = _record_pairs(record)
+    return _PackedProperties((bytes((len(body),)) if len(body) < 128 else _varint(len(body))) + body)
+
+
+_RECORD_ID = b"\x26\x00\x10edgegw-record-id"
+_RECEIVED_AT = b"\x26\x00\x12edgegw-received-at"
+
+
+def _record_pairs(record: Record) -> bytes:
+    """The user properties ``edgegw-record-id``, ``edgegw-device-id``, ``edgegw-received-at`` of one record: the
+    constant parts encoded once (the key names; the device pair once per device), a few us per message less."""
+    rid = b"%d" % record.id
+    stamp = iso_utc_ms(record.received_at).encode()
+    return b"".join((_RECORD_ID, len(rid).to_bytes(2, "big"), rid, _device_pair(record.device_id),
+                     _RECEIVED_AT, len(stamp).to_bytes(2, "big"), stamp))
+
+
+@functools.lru_cache(maxsize=4096)
+def _device_pair(device_id: str) -> bytes:
+    return _utf8_pair("edgegw-device-id", device_id)
 
 
 def _utf8(value: object) -> bytes:
@@ -96,8 +114,7 @@ def _record_properties(record: Record, carried: dict[str, Any], expiry: int | No
         if not isinstance(cd, bytes):
             raise ValueError(f"correlation data is {type(cd).__name__}, not bytes")
         body += b"\x09" + len(cd).to_bytes(2, "big") + cd
-    body += (_utf8_pair("edgegw-record-id", str(record.id)) + _utf8_pair("edgegw-device-id", record.device_id)
-             + _utf8_pair("edgegw-received-at", iso_utc_ms(record.received_at)))
+    body += _record_pairs(record)
     tp = carried.get("tp")
     if tp is not None:
         body += b"\x26\x00\x0btraceparent" + _utf8(tp)  # W3C trace context (edgegw/tracing.py)
@@ -118,7 +135,12 @@ def expiry_left(mei: int, received_at: float, now: float) -> int | None:
 
 
 def upstream_topic(prefix: str, device: str, topic: str) -> str:
-    """``devices/{device}/rest`` -> ``{prefix}/{device}/rest``; any other topic goes under ``{prefix}/{device}/``."""
+    """``devices/{device}/rest`` -> ``{prefix}/{device}/rest``; any other topic goes under ``{prefix}/{device}/``.
+
+    A record the pipeline routed (edgegw/pipeline, ``[[routes]]``) is stored as U+0000 + its full upstream topic
+    (a device topic never starts with U+0000: MQTT-1.5.3-2): that topic is used as is, without ``prefix``."""
+    if topic[:1] == "\x00":
+        return topic[1:]
     head = f"devices/{device}/"
     return f"{prefix}/{device}/{topic[len(head):] if topic.startswith(head) else topic}"
 
@@ -142,7 +164,14 @@ def _unsendable(topic: str, payload: bytes, properties: _PackedProperties | None
 def iso_utc_ms(ts: float) -> str:
     """``2024-05-01T12:00:00.123Z`` for a unix time."""
     secs = int(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{int((ts - secs) * 1000):03d}Z"
+    return _iso_second(secs) + f".{int((ts - secs) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(secs: int) -> str:
+    # Records of one group share their second: strftime once per second rather than once per record (2 % of the
+    # gateway's CPU in the benchmark's profile).
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
 
 
 def _close_socket(client: mqtt.Client) -> None:

@@ -1,10 +1,13 @@
 """The uplink: outbox records to the cloud broker as QoS 1 publishes over MQTT with mutual TLS.
 
-paho-mqtt is driven from the asyncio loop without its thread, as aiomqtt 2.5.1 does (STYLE §2): ``connect()`` (TCP,
-TLS handshake, CONNECT written) runs in an executor; after it the socket is watched with ``add_reader`` /
-``add_writer`` (through paho's register/unregister-write callbacks) and ``loop_misc()`` runs once a second from a
-timer. Every connection attempt gets a fresh paho client, so paho never resends anything on its own: what was not
-acknowledged is sent again from the outbox.
+The MQTT client is chosen by ``uplink.client``: ``native`` (:mod:`edgegw.uplink._mqtt_client`, our own on asyncio
+and edgegw's codec: PUBLISHes of a loop turn in one TLS write, PUBACKs parsed from bytes) or ``paho``
+(:mod:`edgegw.uplink._link`). Everything else is shared and lives here: the pump and its two lanes, properties,
+frames, quarantine, failover, commands. Every connection attempt starts a clean session, so nothing is resent by
+a client on its own: what was not acknowledged is sent again from the outbox.
+
+Live records reach the pump in memory: the outbox hands each committed group over (:meth:`Outbox.add_handoff`),
+so SQLite is read only for a backlog (after a reconnect or restart) or when the pump fell behind.
 
 A record leaves the outbox only when the upstream acknowledged it (PUBACK < 0x80: :meth:`Outbox.ack`) or refused it
 (PUBACK >= 0x80: :meth:`Outbox.quarantine`, never retried forever and never silently dropped).
@@ -21,9 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import MQTTErrorCode
 
 from edgegw.config import UplinkSettings
 from edgegw.mqtt.forward import decode_record_properties
@@ -34,6 +35,8 @@ from edgegw.tracing import trace_id
 from edgegw.uplink._backfill import Backfill
 from edgegw.uplink._endpoints import FLAP_SECONDS, Endpoint, Endpoints
 from edgegw.uplink._link import _Link
+from edgegw.uplink._linkbase import LinkBase
+from edgegw.uplink._mqtt_client import NativeLink
 from edgegw.uplink._wire import (
     _frame_properties,
     _packet_size,
@@ -55,7 +58,7 @@ Downlink = Callable[..., bool]
 
 _POLL_MIN, _POLL_MAX = 0.01, 1.0  # fallback polling when the outbox cannot tell us when to look again
 _FETCH_MIN, _FETCH_MAX = 256, 4096  # records per outbox read (4 windows within these bounds): one await each
-_OK = MQTTErrorCode.MQTT_ERR_SUCCESS
+_HANDOFF_MAX = 8192  # live records held in memory; past it the pump reads them from SQLite when it catches up
 
 
 class Uplink:
@@ -68,9 +71,8 @@ class Uplink:
         self._settings = settings
         self._outbox = outbox
         self.client_id = client_id
-        server_name = settings.tls_server_name or settings.host
-        # paho checks the certificate against the address it connects to; name the server we expect instead.
-        self._tls: Any = ssl_context if server_name == settings.host else _ServerName(ssl_context, server_name)
+        self._ssl_context = ssl_context
+        self._link_class: type[LinkBase] = NativeLink if settings.client == "native" else _Link
         self._log = structlog.get_logger("edgegw.uplink")
         self._state: UplinkState = "down"
         self._running = False
@@ -78,7 +80,7 @@ class Uplink:
         self._endpoints = Endpoints(settings)
         self.endpoint: str | None = None
         """``host:port`` of the upstream this uplink is connected to, or None."""
-        self._link: _Link | None = None
+        self._link: LinkBase | None = None
         self.otel = otel
         """OpenTelemetry span hooks (edgegw.uplink: PUBLISH -> PUBACK), or None: export off."""
         self.downlink = downlink
@@ -103,6 +105,8 @@ class Uplink:
         self.connect_failures = 0
         self.expired: dict[str, int] = {}
         """Records deleted unsent because their MQTT 5 Message Expiry Interval passed, per device."""
+        self.handed_off = 0
+        """Live records taken from the outbox's commit hand-off, i.e. not read back from SQLite."""
         self.last_rtt: float | None = None
         """Seconds from PUBLISH to PUBACK of the most recent sampled message (one sample in flight at a time)."""
 
@@ -133,12 +137,12 @@ class Uplink:
             while True:
                 self._state = "connecting"
                 endpoint = endpoints.choose()
-                link = self._link = _Link(self, loop, endpoint.host, endpoint.port)
+                link = self._link = self._link_class(self, loop, endpoint.host, endpoint.port)
                 graceful = False
                 connected_at = 0.0
                 failback: asyncio.Task[None] | None = None
                 try:
-                    error = await self._establish(link)
+                    error = await link.establish()
                     if error is None:
                         attempt = 0
                         if connections:
@@ -148,14 +152,15 @@ class Uplink:
                         self.endpoint = endpoint.name
                         connected_at = time.monotonic()
                         self._log.info("uplink.connected", host=endpoint.host, port=endpoint.port,
-                                       protocol=s.protocol, client_id=self.client_id, window=link.window,
+                                       protocol=s.protocol, client=s.client, client_id=self.client_id,
+                                       window=link.window,
                                        backlog=self._outbox.depth)
                         if endpoints.policy == "priority" and endpoint.rank > 0:
                             failback = loop.create_task(self._failback(link, endpoint), name="uplink-failback")
                         graceful = True
                         reason = await self._pump(link)
                         graceful = False
-                        self._log.warning("uplink.disconnected", reason=reason, error=link.paho_log.last,
+                        self._log.warning("uplink.disconnected", reason=reason, error=link.error,
                                           host=endpoint.host, port=endpoint.port,
                                           unacked=len(link.inflight), sent=self.sent, acked=self.acked)
                 finally:
@@ -189,7 +194,7 @@ class Uplink:
             self._log.info("uplink.stopped", sent=self.sent, acked=self.acked, refused=self.refused,
                            reconnects=self.reconnects)
 
-    async def _failback(self, link: _Link, current: Endpoint) -> None:
+    async def _failback(self, link: LinkBase, current: Endpoint) -> None:
         """Connected to a lower-priority endpoint: every ``breaker_cooldown`` s, probe the higher ones with a TCP
         connect; when one answers, end this connection gracefully so the next attempt goes there."""
         while not link.lost.done():
@@ -206,32 +211,9 @@ class Uplink:
                 link.set_lost(f"failing back to {candidate.name}")
                 return
 
-    async def _establish(self, link: _Link) -> str | None:
-        """Connect and wait for CONNACK, within connect_timeout. Returns None when connected, else why not."""
-        s = self._settings
-        loop = link.loop
-        deadline = loop.time() + s.connect_timeout
-        connecting = loop.run_in_executor(None, link.blocking_connect, link.host, link.port, s.keepalive)
-        # asyncio.wait, not wait_for: the thread cannot be cancelled; on timeout or cancellation link.close()
-        # leaves the socket to the thread, which closes it when connect() returns.
-        await asyncio.wait((connecting,), timeout=s.connect_timeout)
-        if not connecting.done():
-            return f"TCP/TLS connect timed out after {s.connect_timeout} s"
-        error = connecting.result()
-        if error is not None:
-            return error
-        link.attach()
-        await asyncio.wait((link.connack, link.lost), timeout=max(0.0, deadline - loop.time()),
-                           return_when=asyncio.FIRST_COMPLETED)
-        if link.connack.done():
-            return link.connack.result()
-        if link.lost.done():
-            return link.paho_log.last or f"connection closed before CONNACK: {link.lost.result()}"
-        return f"no CONNACK within {s.connect_timeout} s"
-
     # --- the pump -------------------------------------------------------------------------------------------
 
-    async def _pump(self, link: _Link) -> str:
+    async def _pump(self, link: LinkBase) -> str:
         """Keep up to ``link.window`` publishes in flight until the connection is lost; returns the reason.
 
         Two lanes (``live_first``): records committed after this connection came up go first, in id order and
@@ -248,13 +230,30 @@ class Uplink:
         cursor = boundary
         live: deque[Record] = deque()
         batching = s.batch_max_records > 1
-        outbox.add_commit_listener(link.poke)
+        fetching = False
+
+        def handoff(before: int, records: list[Record]) -> None:
+            """A group the outbox just committed. Taken only when it is exactly what the live lane would read
+            next and no read is under way (whose snapshot may or may not hold it); otherwise the pump reads it
+            from SQLite when it gets there. Memory stays bounded by _HANDOFF_MAX."""
+            nonlocal cursor
+            if cursor == before and not fetching and len(live) < _HANDOFF_MAX:
+                live.extend(records)
+                cursor = records[-1].id
+                self.handed_off += len(records)
+            link.poke()
+
+        outbox.add_handoff(handoff)
         try:
             while not link.lost.done():
                 high = outbox.committed_id
                 try:
                     if not live and high > cursor:
-                        records = await outbox.fetch_after(cursor, fetch_size)
+                        fetching = True
+                        try:
+                            records = await outbox.fetch_after(cursor, fetch_size)
+                        finally:
+                            fetching = False
                         if records:
                             live.extend(records)
                             cursor = records[-1].id
@@ -268,7 +267,7 @@ class Uplink:
                     self._log.error("uplink.fetch_failed", error=str(exc))
                     await link.wait(_POLL_MAX)
                     continue
-                room = link.window - len(link.inflight)
+                room = link.window - len(link.inflight) if not link.paused else 0
                 delay: float | None = None
                 if room > 0 and batching:
                     sent, delay = self._publish_frames(link, live, backfill, room)
@@ -290,9 +289,9 @@ class Uplink:
                 await link.wait(delay if delay is not None else _POLL_MAX)
             return link.lost.result()
         finally:
-            outbox.remove_commit_listener(link.poke)
+            outbox.remove_handoff(handoff)
 
-    def _publish(self, link: _Link, buffered: deque[Record], room: int) -> int:
+    def _publish(self, link: LinkBase, buffered: deque[Record], room: int) -> int:
         """Up to ``room`` records from ``buffered`` into flight; returns how many."""
         n = 0
         while buffered and n < room:
@@ -308,7 +307,7 @@ class Uplink:
     def _upstream_topic(self, record: Record) -> str:
         return upstream_topic(self._settings.topic_prefix, record.device_id, record.topic)
 
-    def _carried(self, link: _Link, record: Record) -> tuple[dict[str, Any], int | None] | None:
+    def _carried(self, link: LinkBase, record: Record) -> tuple[dict[str, Any], int | None] | None:
         """The record's MQTT 5 properties (decoded) and the Message Expiry Interval left, or None when the record
         expired (then it is deleted and counted here). Raises ValueError for an undecodable properties blob."""
         carried = decode_record_properties(record.properties)
@@ -323,7 +322,7 @@ class Uplink:
             return None
         return carried, left
 
-    def _expire(self, link: _Link, record: Record, mei: int, trace: str | None) -> None:
+    def _expire(self, link: LinkBase, record: Record, mei: int, trace: str | None) -> None:
         """The device's Message Expiry Interval passed before the record could go up: delete it, unsent."""
         device = record.device_id
         self.expired[device] = self.expired.get(device, 0) + 1
@@ -334,7 +333,7 @@ class Uplink:
         self._log.debug("uplink.record_expired", record_id=record.id, device_id=device, expiry=mei,
                         age=round(time.time() - record.received_at, 3), trace_id=trace)
 
-    def _publish_frames(self, link: _Link, live: deque[Record], backfill: Backfill | None,
+    def _publish_frames(self, link: LinkBase, live: deque[Record], backfill: Backfill | None,
                         room: int) -> tuple[int, float | None]:
         """Up to ``room`` frames: live records first, then the paced backlog. Returns (frames, pacing delay)."""
         s = self._settings
@@ -384,7 +383,7 @@ class Uplink:
         self._probe(link)
         return frames, delay
 
-    def _send_frame(self, link: _Link, frame: list[tuple[Record, str, str | None]]) -> bool:
+    def _send_frame(self, link: LinkBase, frame: list[tuple[Record, str, str | None]]) -> bool:
         """PUBLISH one frame; False if the link failed."""
         s = self._settings
         compress = s.batch_compression == "zlib"
@@ -396,11 +395,10 @@ class Uplink:
             for record, _, tp in frame:  # only a single oversized record can get here
                 self._quarantine(record.id, f"cannot publish upstream in a frame: {problem}", trace_id(tp))
             return True
-        info = link.client.publish(topic, payload, 1, False, properties)
-        if info.rc != _OK:
-            link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
+        mid = link.publish(topic, payload, properties)
+        if not mid:
             return False
-        link.inflight[info.mid] = [record for record, _, _ in frame]
+        link.inflight[mid] = [record for record, _, _ in frame]
         if self.otel is not None:
             for record, _, tp in frame:
                 self.otel.uplink_sent(record, tp)
@@ -408,10 +406,10 @@ class Uplink:
         self.frames_sent += 1
         self.bytes_sent += _packet_size(topic, payload, properties)
         if link.probe_mid == 0 and not link.probe_next:
-            link.probe_next = info.mid
+            link.probe_next = mid
         return True
 
-    def _send(self, link: _Link, record: Record) -> bool | None:
+    def _send(self, link: LinkBase, record: Record) -> bool | None:
         """PUBLISH one record: True if in flight, False if set aside as unsendable, None if the link failed."""
         topic = self._upstream_topic(record)
         carried: dict[str, Any] = {}
@@ -431,22 +429,21 @@ class Uplink:
                     properties = _record_properties(record, carried, expiry, self._response_topic(record, carried))
             problem = _unsendable(topic, record.payload, properties, link.max_packet)
             if problem is None:
-                info = link.client.publish(topic, record.payload, 1, False, properties)
+                mid = link.publish(topic, record.payload, properties)
         except (ValueError, TypeError, OverflowError) as exc:
             problem = str(exc)
         if problem is not None:  # sending it again would fail again: set it aside, keep the queue moving
             self._quarantine(record.id, f"cannot publish upstream to {topic[:200]!r}: {problem}",
                              trace_id(carried.get("tp")))
             return False
-        if info.rc != _OK:
-            link.set_lost(f"publish failed: {mqtt.error_string(info.rc)}")
+        if not mid:
             return None
-        link.inflight[info.mid] = record
+        link.inflight[mid] = record
         if self.otel is not None:
             self.otel.uplink_sent(record, carried.get("tp"))
         self.bytes_sent += _packet_size(topic, record.payload, properties)
         if link.probe_mid == 0 and not link.probe_next:
-            link.probe_next = info.mid
+            link.probe_next = mid
         return True
 
     def _response_topic(self, record: Record, carried: dict[str, Any]) -> str | None:
@@ -463,15 +460,14 @@ class Uplink:
 
     # --- downlink -------------------------------------------------------------------------------------------
 
-    def _on_command(self, message: mqtt.MQTTMessage) -> None:
-        """A message on ``command_topic`` (on the loop thread, from paho's read): ``{prefix}/{id}/rest`` goes to
-        device ``id`` as ``devices/{id}/rest``. Never raises: the read loop must go on."""
+    def _on_command(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties) -> None:
+        """A message on ``command_topic`` (on the loop thread, from the client's read): ``{prefix}/{id}/rest``
+        goes to device ``id`` as ``devices/{id}/rest``. Never raises: the read loop must go on."""
         try:
-            topic = message.topic
             problem = None
             device_id = rest = ""
             prefix = self._settings.topic_prefix + "/"
-            if message.retain:
+            if retain:
                 problem = "retained message"  # not a live command (Retain Handling 2 keeps these away over MQTT 5)
             elif not topic.startswith(prefix):
                 problem = "topic outside the prefix"
@@ -487,11 +483,11 @@ class Uplink:
                 self.commands_undeliverable += 1
                 self._log.warning("uplink.command_refused", topic=topic[:200], reason=problem)
                 return
-            properties, expiry = self._command_properties(message)
+            properties, expiry = self._command_properties(props)
             device_topic = f"devices/{device_id}/{rest}"
             assert self.downlink is not None
-            delivered = self.downlink(device_id, device_topic, bytes(message.payload), min(message.qos, 1),
-                                      properties, message_expiry=expiry)
+            delivered = self.downlink(device_id, device_topic, payload, min(qos, 1), properties,
+                                      message_expiry=expiry)
         except Exception:  # noqa: BLE001 - a malformed message or a bug: count it, keep the connection
             self.commands_undeliverable += 1
             self._log.exception("uplink.command_failed")
@@ -504,31 +500,25 @@ class Uplink:
             self._log.info("uplink.command_undeliverable", device_id=device_id, topic=device_topic,
                            reason="no session with a matching subscription")
 
-    def _command_properties(self, message: mqtt.MQTTMessage) -> tuple[Properties, int | None]:
+    def _command_properties(self, props: Properties) -> tuple[Properties, int | None]:
         """The MQTT 5 properties a command carries down (a Response Topic ``{prefix}/{id}/rest`` is mapped back
         to ``devices/{id}/rest``, like the topic), and its Message Expiry Interval."""
-        props = getattr(message, "properties", None)
-        if props is None:
+        if not props:
             return NO_PROPERTIES, None
         values: dict[PropertyId, int | str | bytes] = {}
-        pfi = getattr(props, "PayloadFormatIndicator", None)
-        if pfi is not None:
-            values[PropertyId.PAYLOAD_FORMAT_INDICATOR] = int(pfi)
-        ct = getattr(props, "ContentType", None)
-        if ct is not None:
-            values[PropertyId.CONTENT_TYPE] = str(ct)
-        rt = getattr(props, "ResponseTopic", None)
-        if rt is not None:
+        for pid in (PropertyId.PAYLOAD_FORMAT_INDICATOR, PropertyId.CONTENT_TYPE, PropertyId.CORRELATION_DATA):
+            value = props.get(pid)
+            if value is not None:
+                values[pid] = value
+        rt = props.get(PropertyId.RESPONSE_TOPIC)
+        if isinstance(rt, str):
             prefix = self._settings.topic_prefix + "/"
             values[PropertyId.RESPONSE_TOPIC] = "devices/" + rt[len(prefix):] if rt.startswith(prefix) else rt
-        cd = getattr(props, "CorrelationData", None)
-        if cd is not None:
-            values[PropertyId.CORRELATION_DATA] = bytes(cd)
-        user = tuple((str(k), str(v)) for k, v in (getattr(props, "UserProperty", None) or ()))
-        expiry = getattr(props, "MessageExpiryInterval", None)
-        return (Properties(values=values, user=user) if values or user else NO_PROPERTIES), expiry
+        expiry = props.get(PropertyId.MESSAGE_EXPIRY_INTERVAL)
+        out = Properties(values=values, user=props.user) if values or props.user else NO_PROPERTIES
+        return out, expiry if isinstance(expiry, int) else None
 
-    def _probe(self, link: _Link) -> None:
+    def _probe(self, link: LinkBase) -> None:
         if link.probe_mid == 0 and link.probe_next:
             link.probe_mid, link.probe_t = link.probe_next, time.monotonic()
         link.probe_next = 0
@@ -550,20 +540,3 @@ class Uplink:
         self.refused += 1
         self._outbox.quarantine(record_id, reason)
         self._log.warning("uplink.publish_refused", record_id=record_id, reason=reason, trace_id=trace)
-
-
-class _ServerName:
-    """Stands in for the SSLContext handed to paho so the certificate is checked against ``server_name`` rather
-    than the address paho connects to (paho calls ``wrap_socket(sock, server_hostname=host, ...)``)."""
-
-    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
-        self._context = context
-        self._server_name = server_name
-
-    @property
-    def check_hostname(self) -> bool:
-        return self._context.check_hostname
-
-    def wrap_socket(self, sock: Any, **kwargs: Any) -> ssl.SSLSocket:
-        kwargs["server_hostname"] = self._server_name
-        return self._context.wrap_socket(sock, **kwargs)

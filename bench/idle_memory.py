@@ -1,0 +1,192 @@
+"""Memory per idle mTLS device connection: edgegw and mosquitto, the same clients, the same run (issue #3, item 7).
+
+    .venv/bin/python bench/idle_memory.py [--connections 2000] [--out docs/BENCHMARKS.md] [--src DIR]
+
+For each server in turn: start it (edgegw as ``python -m edgegw run`` with the benchmark's configuration, see
+bench/harness.py; mosquitto with the same mTLS listener, ``require_certificate true``), wait a second, read its
+RSS, then let ``bench/idle_clients.py`` (a separate process) open N connections, each with its own device
+certificate, CONNECT (MQTT 3.1.1, keep-alive 300 s) and CONNACK, and stay idle. RSS again a second after the last
+CONNACK, idle CPU over a window, and RSS once more after the clients have gone (what is not given back). The goal
+is at most 30 KB per connection above the process's own baseline.
+
+With ``--out`` the table replaces the text between ``<!-- bench:idle:begin -->`` and ``<!-- bench:idle:end -->``
+of that file (only when every connection of every server came up). Exit status 1 if any did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import (
+    HOST,
+    BenchError,
+    Gateway,
+    Mosquitto,
+    Procs,
+    cpu_seconds,
+    make_pki,
+    memory_kb,
+    terminate,
+    use_edgegw_source,
+)
+from run import machine, read_line, replace_section
+
+BEGIN, END = "<!-- bench:idle:begin -->", "<!-- bench:idle:end -->"
+GOAL_KB = 30.0
+
+
+@dataclass
+class Result:
+    server: str
+    connections: int
+    connected: int = 0
+    connect_s: float = float("nan")
+    rss_before_kb: int = 0
+    rss_after_kb: int = 0
+    rss_gone_kb: int = 0
+    idle_cpu_pct: float = float("nan")
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.connected == self.connections
+
+    @property
+    def per_conn_kb(self) -> float:
+        # KiB from /proc, reported in KB (1,000 bytes) like the rest of docs/BENCHMARKS.md.
+        return (self.rss_after_kb - self.rss_before_kb) * 1024 / 1000 / max(self.connected, 1)
+
+
+def measure(procs: Procs, workdir: Path, pki, kind: str, ids_file: Path, count: int, window: float,
+            overrides: dict[str, dict[str, object]]) -> Result:
+    result = Result("edgegw" if kind == "edgegw" else "mosquitto 2 (same listener, no bridge)", count)
+    gateway = broker = upstream = client = None
+    try:
+        if kind == "edgegw":
+            upstream = Mosquitto(procs, workdir / f"{kind}-upstream", cafile=pki.bundle,
+                                 server=pki.broker_server).start()
+            overrides = {"mqtt": {"max_connections": max(10_000, count + 100)}, **overrides}
+            gateway = Gateway(procs, workdir / f"{kind}-gateway", pki, upstream, overrides=overrides).start()
+            port, pid = gateway.port, gateway.pid
+        else:
+            broker = Mosquitto(procs, workdir / f"{kind}-broker", cafile=pki.bundle,
+                               server=pki.gateway_server).start()
+            port, pid = broker.port, broker.pid
+        time.sleep(1.0)
+        result.rss_before_kb = memory_kb(pid)["VmRSS"]
+        client = procs.spawn(
+            [sys.executable, str(HERE / "idle_clients.py"), HOST, str(port), str(pki.fleet_ca),
+             str(pki.fleet / "devices"), "--ids-file", str(ids_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        status = json.loads(read_line(client, timeout=60.0 + count / 20))
+        result.connected = int(status["connected"])
+        result.connect_s = float(status["seconds"])
+        if status["failed"]:
+            result.error = f"{status['failed']} connections failed, e.g. {status['errors'][:2]}"
+        time.sleep(1.0)
+        result.rss_after_kb = memory_kb(pid)["VmRSS"]
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(window)
+        result.idle_cpu_pct = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0) * 100
+        if client.poll() is not None:
+            result.error = f"idle client exited early with {client.returncode}"
+        assert client.stdin is not None
+        client.stdin.close()  # the client closes every connection and exits
+        terminate(client, timeout=30.0)
+        time.sleep(2.0)
+        result.rss_gone_kb = memory_kb(pid)["VmRSS"]
+    except (BenchError, OSError, ValueError, KeyError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        if client is not None:
+            terminate(client, timeout=10.0)
+            if client.stdout is not None:
+                client.stdout.close()
+        for proc in (gateway, broker, upstream):
+            if proc is not None:
+                proc.stop()
+    return result
+
+
+def render(results: list[Result], count: int, command: str, mach: dict[str, str], seconds: float) -> str:
+    lines = [(f"_Generated by `{command}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC in "
+              f"{seconds:.0f} s at {mach['commit']}: {mach['cpus']} CPUs, Python {mach['python']}, "
+              f"{mach['openssl']}, mosquitto {mach['mosquitto']}._"), "",
+             (f"{count:,} idle mTLS MQTT 3.1.1 connections (keep-alive 300 s, one device certificate each, from "
+              "`bench/idle_clients.py` in its own process), to each server in turn:"), "",
+             ("| server | connected | connect time s | RSS before MB | RSS with the connections MB | "
+              "per connection KB | RSS after they left MB | idle CPU % | status |"),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.server} | {r.connected:,}/{r.connections:,} | {r.connect_s:.2f} | "
+                     f"{r.rss_before_kb / 1024:.1f} | {r.rss_after_kb / 1024:.1f} | **{r.per_conn_kb:.1f}** | "
+                     f"{r.rss_gone_kb / 1024:.1f} | {r.idle_cpu_pct:.2f} | {'ok' if r.ok else r.error} |")
+    lines.append("")
+    if len(results) == 2 and all(r.ok for r in results):
+        gw, mq = results
+        verdict = "met" if gw.per_conn_kb <= GOAL_KB else "NOT met"
+        lines.append(f"edgegw / mosquitto per connection: **{gw.per_conn_kb / mq.per_conn_kb:.2f}x**; the goal of "
+                     f"{GOAL_KB:.0f} KB per connection above the process baseline is **{verdict}**.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=2000)
+    parser.add_argument("--window", type=float, default=5.0, help="seconds of idle CPU measurement (default 5)")
+    parser.add_argument("--out", type=Path, help="write the table into this file between the idle markers")
+    parser.add_argument("--src", type=Path, help="run the gateway from this tree (e.g. a git archive)")
+    parser.add_argument("--only", choices=("edgegw", "mosquitto"), help="one server only (never writes --out)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="gateway configuration override (a number or a string), e.g. mqtt.tls_read_buffer=8192")
+    args = parser.parse_args(argv)
+    use_edgegw_source(args.src)
+    overrides: dict[str, dict[str, object]] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        overrides.setdefault(section, {})[name] = int(value) if value.lstrip("-").isdigit() else value
+    command = " ".join(["bench/idle_memory.py", *(argv if argv is not None else sys.argv[1:])])
+    t0 = time.monotonic()
+    procs = Procs()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="edgegw-idle-") as tmp:
+        workdir = Path(tmp)
+        try:
+            ids = [f"idle-{i:05d}" for i in range(args.connections)]
+            print(f"issuing {len(ids):,} device certificates ...", file=sys.stderr, flush=True)
+            pki = make_pki(workdir / "pki", ids)
+            ids_file = workdir / "ids.txt"
+            ids_file.write_text("\n".join(ids) + "\n")
+            for kind in ("edgegw", "mosquitto"):
+                if args.only and kind != args.only:
+                    continue
+                print(f"{kind}: {len(ids):,} idle connections ...", file=sys.stderr, flush=True)
+                results.append(measure(procs, workdir, pki, kind, ids_file, len(ids), args.window, overrides))
+                print(f"  {results[-1]}", file=sys.stderr, flush=True)
+        finally:
+            procs.close()
+    section = render(results, args.connections, command, machine(), time.monotonic() - t0)
+    print(section)
+    ok = all(r.ok for r in results)
+    if args.out is not None and ok and not args.only and not args.set:
+        text = args.out.read_text()
+        if BEGIN not in text:
+            raise SystemExit(f"{args.out}: no {BEGIN} marker")
+        args.out.write_text(replace_section(text, BEGIN, END, section))
+        print(f"written to {args.out}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+# edgegw: package marker only.
