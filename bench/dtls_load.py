@@ -6,7 +6,9 @@ resource over plain CoAP/UDP with the same load generator in the same run (what 
 The server (an aiocoap Context whose POST /ps/telemetry answers 2.04 at once, no outbox) runs as a child process;
 the generator is one thread here: ``--sessions`` DTLS sessions (pyOpenSSL, client certificates from a throwaway
 fleet PKI), each keeping ``--window`` confirmable POSTs in flight. A request unanswered for 2 s is counted lost and
-replaced. Prints one JSON line per mode; the server's RSS is read from /proc at the end.
+replaced. Separate responses (an empty ACK first) are matched by token and acknowledged; only 2.xx count.
+``load`` is also the DTLS and UDP generator of bench/coap.py. Prints one JSON line per mode; the server's RSS is
+read from /proc at the end.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,14 +70,14 @@ def serve(mode: str, pki: Path, exchange_lifetime: float) -> None:
 class Lane:
     """One device: a UDP socket, optionally a DTLS session, and its window of in-flight requests."""
 
-    def __init__(self, port: int, pki: Path | None, index: int) -> None:
+    def __init__(self, port: int, device: tuple[Path, Path, Path] | None, index: int) -> None:
+        """``device``: (fleet CA, certificate, key) for a DTLS session; None: plain CoAP over UDP."""
         from edgegw.coap._dtls_client import DTLSClient, client_context
 
         self.client = None
-        if pki is not None:
-            device = pki / "devices" / f"bench-{index}"
-            self.client = DTLSClient("127.0.0.1", port, client_context(pki / "ca.crt", device.with_suffix(".crt"),
-                                                                       device.with_suffix(".key")))
+        if device is not None:
+            ca, cert, key = device
+            self.client = DTLSClient("127.0.0.1", port, client_context(ca, cert, key))
             self.client.handshake(10.0)
             self.sock = self.client.sock
         else:
@@ -92,6 +95,13 @@ class Lane:
             self.client.send(bytes(template))
         else:
             self.sock.send(template)
+
+    def ack(self, mid: bytes) -> None:
+        empty_ack = b"\x60\x00" + mid  # version 1, type ACK, no token, code 0.00
+        if self.client is not None:
+            self.client.send(empty_ack)
+        else:
+            self.sock.send(empty_ack)
 
     def receive(self) -> list[bytes]:
         out = []
@@ -112,42 +122,78 @@ class Lane:
         return out
 
 
-def load(mode: str, port: int, pki: Path | None, seconds: float, sessions: int, window: int) -> dict[str, object]:
+def pki_devices(pki: Path, sessions: int) -> list[tuple[Path, Path, Path]]:
+    """(CA, certificate, key) of ``bench-{i}`` in a PKI folder made by :func:`main`."""
+    return [(pki / "ca.crt", pki / "devices" / f"bench-{i}.crt", pki / "devices" / f"bench-{i}.key")
+            for i in range(sessions)]
+
+
+def load(mode: str, port: int, devices: list[tuple[Path, Path, Path]] | None, seconds: float, sessions: int,
+         window: int, *, rate: float | None = None, path: tuple[str, ...] = ("ps", "telemetry"),
+         on_tick: Callable[[float], None] | None = None) -> dict[str, object]:
+    """``sessions`` lanes keeping ``window`` CON POSTs in flight each for ``seconds``; ``devices`` (one per lane):
+    DTLS, None: plain UDP. ``rate``: at most that many requests/s in all (a soak at a modest load), else as fast as
+    the answers come. ``on_tick(elapsed)`` is called about once a second (the soak samples RSS there)."""
     import aiocoap
 
-    request = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "telemetry"), payload=b'{"t":21.5,"h":40}')
+    request = aiocoap.Message(code=aiocoap.POST, uri_path=path, payload=b'{"t":21.5,"h":40}', content_format=50)
     request.mtype, request.mid, request.token = aiocoap.CON, 0, b"\0\0"
     template = bytearray(request.encode())
-    lanes = [Lane(port, pki, i) for i in range(sessions)]
+    lanes = [Lane(port, devices[i] if devices is not None else None, i) for i in range(sessions)]
     selector = selectors.DefaultSelector()
     for lane in lanes:
         selector.register(lane.sock, selectors.EVENT_READ, lane)
-        for _ in range(window):
-            lane.send(template)
-    done = lost = 0
+    done = lost = sent = 0
+    codes: dict[str, int] = {}
     latencies: list[float] = []
     start = time.monotonic()
-    last_check = start
+    last_check = last_tick = start
+
+    def top_up(now: float) -> None:
+        # Unpaced: every free window slot is filled at once; paced: only up to rate x elapsed requests in all.
+        nonlocal sent
+        allowed = rate * (now - start) if rate is not None else float("inf")
+        for lane in lanes:
+            while len(lane.inflight) < window and sent < allowed:
+                lane.send(template)
+                sent += 1
+
+    top_up(start + (1.0 if rate is None else 0.0))
     while (now := time.monotonic()) - start < seconds:
-        for key, _ in selector.select(0.2):
+        for key, _ in selector.select(0.2 if rate is None else 0.01):
             lane = key.data
             for response in lane.receive():
-                mid = int.from_bytes(response[2:4], "big")
-                sent = lane.inflight.pop(mid, None)
-                if sent is None:
+                if len(response) < 4:
+                    continue
+                if (response[0] >> 4) & 3 == 0:  # a separate response comes as a CON: acknowledge it
+                    lane.ack(response[2:4])
+                code = response[1]
+                if code == 0:  # an empty ACK (the answer waits for the commit): the response follows
+                    continue
+                token = response[4:4 + (response[0] & 0x0F)]  # our token is the request's message id
+                sent_at = lane.inflight.pop(int.from_bytes(token, "big"), None)
+                if sent_at is None:
+                    continue
+                name = f"{code >> 5}.{code & 0x1F:02d}"
+                codes[name] = codes.get(name, 0) + 1
+                if code >> 5 != 2:
                     continue
                 done += 1
                 if done % 50 == 0:
-                    latencies.append(time.monotonic() - sent)
-                lane.send(template)
+                    latencies.append(time.monotonic() - sent_at)
+        now = time.monotonic()
+        top_up(now)
         if now - last_check > 0.5:
             last_check = now
             for lane in lanes:
-                for mid, sent in list(lane.inflight.items()):
-                    if now - sent > LOST_AFTER:
+                for mid, sent_at in list(lane.inflight.items()):
+                    if now - sent_at > LOST_AFTER:
                         del lane.inflight[mid]
                         lost += 1
-                        lane.send(template)
+            top_up(now)
+        if on_tick is not None and now - last_tick >= 1.0:
+            last_tick = now
+            on_tick(now - start)
     elapsed = time.monotonic() - start
     for lane in lanes:
         if lane.client is not None:
@@ -155,7 +201,7 @@ def load(mode: str, port: int, pki: Path | None, seconds: float, sessions: int, 
         else:
             lane.sock.close()
     latencies.sort()
-    return {"mode": mode, "requests": done, "lost": lost, "seconds": round(elapsed, 2),
+    return {"mode": mode, "requests": done, "responses": codes, "lost": lost, "seconds": round(elapsed, 2),
             "rps": round(done / elapsed), "sessions": sessions, "window": window,
             "p50_ms": round(1000 * latencies[len(latencies) // 2], 2) if latencies else None}
 
@@ -180,7 +226,8 @@ def run(mode: str, pki: Path, args: argparse.Namespace) -> dict[str, object]:
         assert proc.stdout is not None
         port = int(proc.stdout.readline())
         cpu_before = cpu_seconds(proc.pid)
-        result = load(mode, port, pki if mode == "dtls" else None, args.seconds, args.sessions, args.window)
+        result = load(mode, port, pki_devices(pki, args.sessions) if mode == "dtls" else None, args.seconds,
+                      args.sessions, args.window)
         cpu = cpu_seconds(proc.pid) - cpu_before
         result["server_rss_mb"] = round(rss_kb(proc.pid) / 1024, 1)
         result["exchange_lifetime_s"] = args.exchange_lifetime if mode == "dtls" else 247

@@ -7,6 +7,7 @@ matplotlib is the optional ``bench`` extra (``.venv/bin/pip install -e '.[bench]
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ def _bars(plt: Any, labels: list[str], values: list[float | None], unit: str, ti
     ax.invert_yaxis()
     ax.set_xlabel(unit)
     ax.set_title(title, fontsize=10)
-    ax.bar_label(bars, labels=[f"{p[1]:,.1f}" if p[1] < 100 else f"{p[1]:,.0f}" for p in pairs], padding=3,
+    ax.bar_label(bars, labels=[f"{p[1]:,.2f}" if p[1] < 1 else f"{p[1]:,.1f}" if p[1] < 100 else f"{p[1]:,.0f}"
+                               for p in pairs], padding=3,
                  fontsize=8)
     ax.margins(x=0.15)
     return True
@@ -97,14 +99,57 @@ def cpu_per_message(plt: Any, results: dict[str, Any]) -> bool:
                  "CPU microseconds per message (edge process)", "Edge CPU per message", ["#4c72b0", "#55a868"])
 
 
+def _number(cell: Any) -> float | None:
+    try:
+        return float(str(cell).strip("* ").replace(",", ""))
+    except ValueError:
+        return None
+
+
 def idle_memory(plt: Any, results: dict[str, Any]) -> bool:
-    r = _scenario(results, "idle")
+    """bench/idle_memory.py's table (2,000 connections); the idle_cpu scenario's rows when it did not run."""
+    r = _scenario(results, "idle_memory")
+    rows = [row for table in (r or {}).get("tables", []) for row in table if "per connection KB" in row]
+    if rows:
+        labels, values = [row.get("server", "?") for row in rows], [_number(row["per connection KB"]) for row in rows]
+        count = str(rows[0].get("connected", "?")).split("/")[0]
+    else:
+        r = _scenario(results, "idle_cpu")
+        if not r:
+            return False
+        labels, values = list(r["rows"]), [v.get("per connection KB") for v in r["rows"].values()]
+        count = f"{r.get('connections', '?'):,}"
+    return _bars(plt, labels, values, f"KB of server RSS per idle mTLS connection ({count} connections)",
+                 "Memory per idle connection", ["#4c72b0", "#55a868"])
+
+
+def idle_cpu(plt: Any, results: dict[str, Any]) -> bool:
+    r = _scenario(results, "idle_cpu")
     if not r:
         return False
     rows = r["rows"]
-    return _bars(plt, list(rows), [v.get("per connection KB") for v in rows.values()],
-                 f"KB of server RSS per idle mTLS connection ({r.get('connections', '?')} connections)",
-                 "Memory per idle connection", ["#4c72b0", "#55a868"])
+    values = [next((x for k, x in v.items() if k.startswith("idle CPU")), None) for v in rows.values()]
+    return _bars(plt, list(rows), values,
+                 f"server CPU % (of one CPU) over {r.get('window_s', '?'):g} s (1 tick = {1000 // os.sysconf('SC_CLK_TCK')} ms)",
+                 f"Idle CPU with {r.get('connections', 0):,} connected mTLS devices", ["#4c72b0", "#55a868"])
+
+
+def drain(plt: Any, results: dict[str, Any]) -> bool:
+    r = _scenario(results, "drain")
+    edges = {line.get("edge"): line for line in (r or {}).get("lines", []) if "error" not in line}
+    if not edges:
+        return False
+    names = {"edgegw": "edgegw (live first)", "bridge": "mosquitto bridge"}
+    labels = [names.get(str(e), str(e)) for e in edges]
+    colors = ["#4c72b0" if e == "edgegw" else "#55a868" for e in edges]
+    backlog = next(iter(edges.values())).get("backlog", 0)
+    plt.subplot(1, 2, 1)
+    _bars(plt, labels, [v.get("drain_msg_s") for v in edges.values()], "messages/s",
+          f"Backlog drain ({backlog:,} messages)", colors)
+    plt.subplot(1, 2, 2)
+    _bars(plt, labels, [v.get("live_p99_ms") for v in edges.values()], "milliseconds",
+          "Live messages: p99 latency", colors)
+    return True
 
 
 def simulator(plt: Any, results: dict[str, Any]) -> bool:
@@ -146,4 +191,5 @@ def coap(plt: Any, results: dict[str, Any]) -> bool:
 
 
 PLOTS: dict[str, Plot] = {"throughput": throughput, "cpu_per_message": cpu_per_message,
-                          "idle_memory": idle_memory, "simulator": simulator, "latency": latency, "coap": coap}
+                          "idle_memory": idle_memory, "idle_cpu": idle_cpu, "drain": drain, "simulator": simulator,
+                          "latency": latency, "coap": coap}

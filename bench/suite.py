@@ -6,15 +6,18 @@ Scenarios (each bounded in time; a failed one does not stop the others):
 
   mqtt         bench/run.py --only ABC: the generator against mosquitto alone (its ceiling), edgegw's durable
                path and a mosquitto bridge, same generator and upstream; throughput, edge CPU per message
-  idle         bench/run.py --only D --idle 2000: RSS per idle mTLS connection and idle CPU, edgegw vs mosquitto
+  idle_cpu     bench/run.py --only D --idle 1000 --idle-window 30: 1,000 connected idle mTLS devices, the server's
+               CPU % over 30 s (and RSS), edgegw vs mosquitto with the same clients
   sim          edgegw-sim, 1,000 mTLS devices at 1 msg/s each against a real gateway for 30 s: RSS and CPU of
                the simulator and the gateway, acknowledged rate, PUBACK and cloud-arrival latency, lost (must be 0)
   coap         CoAP over TLS: edgegw (answer after commit) vs a bare aiocoap server    -> bench/coap.py
   dtls         CoAP over DTLS vs plain CoAP/UDP, same resource                         -> bench/dtls_load.py
-  backfill     uplink backlog drain rate, alone and with live traffic (latency)        -> bench/uplink.py
+  drain        backlog drain after an upstream outage, end to end, with live latency,
+               edgegw vs a mosquitto bridge (same generator, sink, proxy)              -> bench/drain.py
+  backfill     the uplink alone: backlog drain rate, native vs paho client, with live  -> bench/uplink.py
   idle_memory  RSS per idle mTLS connection at 2,000 devices, edgegw vs mosquitto      -> bench/idle_memory.py
 
-The last four belong to other parts of the project; the suite runs them as they are and keeps the JSON-object lines
+coap, dtls, backfill and idle_memory belong to other parts of the project; the suite runs them as they are and keeps the JSON-object lines
 they print (a ``{"summary": ...}`` line becomes ``summary``) and their Markdown tables. A script that does not exist
 (yet) is listed as "not available", not failed.
 
@@ -33,6 +36,8 @@ import platform
 import re
 import shlex
 import shutil
+import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,10 +60,11 @@ class Sizes:
     sim_devices: int
     sim_seconds: float
     idle: int
+    idle_window: float
 
     @classmethod
     def pick(cls, smoke: bool) -> Sizes:
-        return cls(smoke, 30, 2.0, 100) if smoke else cls(smoke, 1000, 30.0, 2000)
+        return cls(smoke, 30, 2.0, 100, 3.0) if smoke else cls(smoke, 1000, 30.0, 1000, 30.0)
 
 
 class Unavailable(Exception):
@@ -130,8 +136,11 @@ def scenario_mqtt(sizes: Sizes, workdir: Path) -> dict[str, Any]:
             "command": shlex.join(["bench/run.py", *args])}
 
 
-def scenario_idle(sizes: Sizes, workdir: Path) -> dict[str, Any]:
-    args = ["--only", "D", "--idle", str(sizes.idle), *(["--quick"] if sizes.smoke else [])]
+def scenario_idle_cpu(sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    """The same clients hold ``sizes.idle`` connections to edgegw, then to mosquitto; /proc CPU of the server over
+    ``sizes.idle_window`` s (at 100 ticks/s, 30 s resolve 0.03 %)."""
+    args = ["--only", "D", "--idle", str(sizes.idle), "--idle-window", f"{sizes.idle_window:g}",
+            *(["--quick"] if sizes.smoke else [])]
     out = run_bench(args, timeout=120 if sizes.smoke else 600)
     rows: dict[str, dict[str, Any]] = {}
     for table in parse_tables(out):
@@ -140,11 +149,13 @@ def scenario_idle(sizes: Sizes, workdir: Path) -> dict[str, Any]:
                 rows[row["server"]] = {k: number(v) for k, v in row.items() if k not in ("server", "status")}
     if not rows:
         raise RuntimeError(f"bench/run.py printed no idle-connection table:\n{out[-1500:]}")
-    ratio = None
-    kb = [v.get("per connection KB") for v in rows.values()]
-    if len(kb) == 2 and kb[0] and kb[1]:
-        ratio = round(kb[0] / kb[1], 2)
-    return {"rows": rows, "connections": sizes.idle, "ratios": {"edgegw_vs_mosquitto_kb_per_connection": ratio},
+    ratios: dict[str, float | None] = {}
+    for key, prefix in (("edgegw_vs_mosquitto_kb_per_connection", "per connection KB"),
+                        ("edgegw_vs_mosquitto_idle_cpu", "idle CPU")):
+        values = [next((x for k, x in v.items() if k.startswith(prefix)), None) for v in rows.values()]
+        ratios[key] = round(values[0] / values[1], 2) if len(values) == 2 and values[0] is not None and \
+            values[1] else None
+    return {"rows": rows, "connections": sizes.idle, "window_s": sizes.idle_window, "ratios": ratios,
             "command": shlex.join(["bench/run.py", *args])}
 
 
@@ -237,15 +248,59 @@ class External:
 
 SCENARIOS: dict[str, Scenario] = {
     "mqtt": scenario_mqtt,
-    "idle": scenario_idle,
+    "idle_cpu": scenario_idle_cpu,
     "sim": scenario_sim,
     # The CoAP, uplink and TLS-memory engineers' scripts, with their own flags.
-    "coap": External("coap.py", (), ("--seconds", "1", "--rounds", "1", "--connections", "2")),
+    # Smoke: coaps+tcp only (the DTLS rounds would take the smoke past 30 s; the full run has them).
+    "coap": External("coap.py", (), ("--seconds", "1", "--rounds", "1", "--connections", "2", "--no-dtls")),
     "dtls": External("dtls_load.py", (), None),
+    "drain": External("drain.py", (), None),
     "backfill": External("uplink.py", (), ("--records", "2000", "--clients", "native", "--batch", "100")),
     "idle_memory": External("idle_memory.py", ("--connections", "2000"), None),
 }
 SMOKE = ("mqtt", "sim", "coap", "backfill")  # ~25 s on 2 idle CPUs; dtls and the idle scenarios: full run only
+
+
+@dataclass(frozen=True)
+class Load:
+    """How busy the CPUs were during a scenario, and how much of that was not the suite: /proc/stat busy time
+    minus the CPU of this process and its waited-for descendants (every scenario's processes are reaped)."""
+
+    busy: float
+    total: float
+    own: float
+    wall: float
+
+    @classmethod
+    def start(cls) -> Load:
+        busy, total = _proc_stat()
+        times = os.times()
+        return cls(busy, total, times.user + times.system + times.children_user + times.children_system,
+                   time.monotonic())
+
+    def stop(self) -> tuple[int | None, int | None]:
+        """(all CPUs busy %, other work %) since start()."""
+        busy, total = _proc_stat()
+        if total <= self.total:
+            return None, None
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system - self.own
+        tick = os.sysconf("SC_CLK_TCK")
+        cpus = os.cpu_count() or 1
+        busy_pct = 100 * (busy - self.busy) / (total - self.total)
+        other = (busy - self.busy) / tick - own
+        return round(busy_pct), max(0, round(100 * other / (cpus * (time.monotonic() - self.wall))))
+
+
+def _proc_stat() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs; busy excludes idle and iowait."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
 
 
 def machine() -> dict[str, Any]:
@@ -261,8 +316,30 @@ def machine() -> dict[str, Any]:
                       if line.startswith("model name")), "")
     except OSError:
         pass
+    os_name = ""
+    try:
+        os_name = next((line.split("=", 1)[1].strip().strip('"') for line in
+                        Path("/etc/os-release").read_text().splitlines() if line.startswith("PRETTY_NAME=")), "")
+    except OSError:
+        pass
+    mosquitto = ""
+    try:  # "mosquitto version 2.0.11" is the first line of its help (it exits 3)
+        help_text = subprocess.run([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-h"], check=False,
+                                   capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL).stdout
+        mosquitto = help_text.splitlines()[0].removeprefix("mosquitto version ").strip() if help_text else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
     return {"cpus": os.cpu_count(), "cpu_model": model, "ram_gib": round(mem_kb / 1024 / 1024, 1),
-            "kernel": platform.release(), "python": platform.python_version(), "machine": platform.machine()}
+            "os": os_name, "kernel": platform.release(), "python": platform.python_version(),
+            "openssl": ssl.OPENSSL_VERSION, "sqlite": sqlite3.sqlite_version, "mosquitto": mosquitto or "not found",
+            "machine": platform.machine()}
+
+
+def describe(m: dict[str, Any]) -> str:
+    """One line: what the figures were measured on (printed first, and at the top of the Markdown)."""
+    return (f"{m['cpus']} CPUs ({m['cpu_model'] or m.get('machine', '?')}), {m['ram_gib']} GiB RAM, "
+            f"{m.get('os') or 'Linux'} (Linux {m['kernel']}), Python {m['python']}, {m.get('openssl', '?')}, "
+            f"SQLite {m.get('sqlite', '?')}, mosquitto {m.get('mosquitto', '?')}")
 
 
 # --- docs/BENCHMARKS.md ----------------------------------------------------------------------------------------
@@ -273,21 +350,23 @@ MD_BEGIN, MD_END = "<!-- bench:suite:begin -->", "<!-- bench:suite:end -->"
 def render_markdown(results: dict[str, Any], doc_dir: Path) -> str:
     """The generated section of docs/BENCHMARKS.md: machine, one table of headline figures, the plots."""
     m = results["machine"]
-    lines = [f"_Generated by `.venv/bin/python bench/suite.py` (each row says when it ran; the last run: "
-             f"`{results['command']}`); machine: {m['cpus']} CPUs ({m['cpu_model']}), "
-             f"{m['ram_gib']} GiB RAM, Linux {m['kernel']}, Python {m['python']}. Every process of a scenario "
-             "shares these CPUs (and, on a shared machine, other work does too: trust the ratios)._", "",
-             "| scenario | when | status | headline figures | s | CPUs busy before % |",
-             "|---|---|---|---|---:|---:|"]
+    lines = [(f"_Generated by `.venv/bin/python bench/suite.py` (each row says when it ran; the last run: "
+              f"`{results['command']}`)._"), "",
+             (f"Machine: {describe(m)}. Every process of a scenario shares these CPUs (and, on a shared machine, "
+              "other work does too: trust the ratios)."), "",
+             ("| scenario | when | status | edgegw vs its comparison | headline figures | s | CPUs busy before % | "
+              "CPUs busy during % (other work) |"),
+             "|---|---|---|---|---|---:|---:|---:|"]
     for name, entry in results["scenarios"].items():
-        detail = entry.get("reason") or entry.get("error", "")[:200]
+        detail, ratio = entry.get("reason") or entry.get("error", "")[:200], ""
         if entry["status"] == "ok":
-            detail = _headline(name, entry["results"])
+            detail, ratio = _headline(name, entry["results"]), _ratio(name, entry["results"])
         lines.append(f"| {name} | {entry.get('generated', results['generated'])} | {entry['status']} | "
-                     f"{detail.replace('|', '/')} | {entry['seconds']:g} | {entry.get('cpus_busy_before_pct', '')} |")
+                     f"{ratio.replace('|', '/')} | {detail.replace('|', '/')} | {entry['seconds']:g} | "
+                     f"{entry.get('cpus_busy_before_pct', '')} | {_during(entry)} |")
     for name in SCENARIOS:
         if name not in results["scenarios"]:
-            lines.append(f"| {name} | | not run yet | `bench/suite.py --only {name}` | | |")
+            lines.append(f"| {name} | | not run yet | | `bench/suite.py --only {name}` | | | |")
     commands = [entry["results"]["command"] for entry in results["scenarios"].values()
                 if entry["status"] == "ok" and "command" in entry.get("results", {})]
     if commands:
@@ -310,10 +389,23 @@ def _headline(name: str, r: dict[str, Any]) -> str:
                 f"{f(rows.get('C', {}).get('device-side msg/s'))}; edge CPU us/msg edgegw "
                 f"{f(rows.get('B', {}).get('edge CPU us/msg'))} vs bridge {f(rows.get('C', {}).get('edge CPU us/msg'))}"
                 f"; edgegw/bridge throughput {ratios.get('edgegw_vs_bridge_device_side_throughput')}x")
-    if name == "idle":
-        return "; ".join(f"{server}: {f(v.get('per connection KB'))} KB per connection, idle CPU "
-                         f"{next((f(x) for k, x in v.items() if k.startswith('idle CPU')), 'n/a')} %"
-                         for server, v in r["rows"].items()) + f" ({r['connections']:,} connections)"
+    if name == "idle_cpu":
+        window = r.get("window_s", 10)
+        parts = []
+        for server, v in r["rows"].items():
+            pct = next((x for k, x in v.items() if k.startswith("idle CPU")), None)
+            cpu_ms = "" if pct is None else f" ({pct / 100 * window * 1000:,.0f} ms of CPU)"
+            parts.append(f"{server}: idle CPU {f(pct)} %{cpu_ms}, {f(v.get('per connection KB'))} KB per connection")
+        return "; ".join(parts) + (f" ({r['connections']:,} connected devices, CPU over {window:g} s; /proc ticks "
+                                   f"of {1000 // os.sysconf('SC_CLK_TCK')} ms)")
+    if name == "drain":
+        lines = {line.get("edge"): line for line in r.get("lines", [])}
+        return "; ".join(
+            f"{'edgegw' if edge == 'edgegw' else 'mosquitto bridge'}: {f(v.get('drain_msg_s'))} msg/s drained "
+            f"({v.get('backlog', 0):,} backlog, back {v.get('reconnect_s')} s after the restore), live p50/p99 "
+            f"{v.get('live_p50_ms')}/{v.get('live_p99_ms')} ms, {v.get('edge_cpu_us_per_msg')} us CPU/msg, lost "
+            f"{v.get('lost')} (live {v.get('live_lost')})" if "error" not in v else f"{edge}: {v['error'][:150]}"
+            for edge, v in lines.items())
     if name == "sim":
         s, p = r["sim"], r["sim"].get("process", {})
         return (f"{r['devices']:,} devices: simulator {f(p.get('rss_mb'))} MB RSS ({f(p.get('per_device_kb'))} KB "
@@ -329,6 +421,53 @@ def _headline(name: str, r: dict[str, Any]) -> str:
                          for line in r["lines"][:4])
     rows = [row for table in r.get("tables", []) for row in table][:4]
     return "; ".join(", ".join(f"{k} {v}" for k, v in row.items() if v) for row in rows)
+
+
+def _during(entry: dict[str, Any]) -> str:
+    if entry.get("cpus_busy_pct") is None:
+        return ""
+    return f"{entry['cpus_busy_pct']} ({entry.get('other_load_pct')})"
+
+
+def _x(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"**{value:.2f}x**" if value >= 0.1 else f"**{value:.2g}x**"  # 0.017x, not 0.02x
+
+
+def _ratio(name: str, r: dict[str, Any]) -> str:
+    """The scenario's edgegw / comparison ratios, in words (the headline column has the figures)."""
+    ratios = r.get("ratios") or {}
+    summary = r.get("summary") or {}
+    if name == "mqtt":
+        return (f"throughput / mosquitto bridge {_x(ratios.get('edgegw_vs_bridge_device_side_throughput'))} "
+                f"device-side, {_x(ratios.get('edgegw_vs_bridge_end_to_end_throughput'))} end to end; CPU per "
+                f"message {_x(ratios.get('edgegw_vs_bridge_edge_cpu_per_message'))}; edgegw / generator ceiling "
+                f"{_x(ratios.get('edgegw_vs_generator_ceiling'))}")
+    if name == "idle_cpu":
+        return (f"idle CPU / mosquitto {_x(ratios.get('edgegw_vs_mosquitto_idle_cpu'))}, RSS per connection "
+                f"{_x(ratios.get('edgegw_vs_mosquitto_kb_per_connection'))}")
+    if name == "idle_memory":
+        kb = [number(str(row.get("per connection KB", "")).strip("*")) for t in r.get("tables", []) for row in t]
+        return f"RSS per connection / mosquitto {_x(kb[0] / kb[1] if len(kb) == 2 and kb[0] and kb[1] else None)}"
+    if name == "coap":
+        text = f"coaps+tcp requests/s / bare aiocoap {_x(summary.get('ratio_median'))} (median of rounds)"
+        if summary.get("dtls_ratio_median") is not None:
+            text += f"; DTLS / bare aiocoap over UDP {_x(summary['dtls_ratio_median'])}"
+        return text
+    if name == "drain":
+        return (f"drain rate / mosquitto bridge {_x(summary.get('ratio_drain'))}; live p99 "
+                f"{_x(summary.get('ratio_live_p99'))}")
+    if name == "dtls":
+        modes = {line.get("mode"): line for line in r.get("lines", [])}
+        d, u = modes.get("dtls", {}).get("rps"), modes.get("plain", {}).get("rps")
+        return f"DTLS / plain CoAP requests/s {_x(d / u if d and u else None)}"
+    if name == "backfill":
+        n, q = summary.get("native batch 1: records/s"), summary.get("paho batch 1: records/s")
+        return f"drain, native client / paho (batch 1) {_x(n / q if n and q else None)}"
+    if name == "sim":
+        return "capacity check (no comparison): 1,000 mTLS devices in one simulator process"
+    return ""
 
 
 def replace_section(text: str, body: str) -> str:
@@ -372,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "smoke": args.smoke,
         "command": shlex.join(["bench/suite.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(), "scenarios": {}}
+    print(f"  machine: {describe(results['machine'])}", file=sys.stderr, flush=True)
     failed = False
     try:
         for name in names:
@@ -383,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 busy = harness.wait_for_idle_machine(args.wait_idle)
                 print(f"  {name:<9} starting with the CPUs {busy:.0f}% busy", file=sys.stderr, flush=True)
             t = time.monotonic()
+            load = Load.start()
             try:
                 (workdir / name).mkdir()
                 entry = {"status": "ok", "results": SCENARIOS[name](sizes, workdir / name)}
@@ -392,11 +533,13 @@ def main(argv: list[str] | None = None) -> int:
                 entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
                 failed = True
             entry["seconds"] = round(time.monotonic() - t, 1)
+            entry["cpus_busy_pct"], entry["other_load_pct"] = load.stop()
             entry["generated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
             if busy is not None:
                 entry["cpus_busy_before_pct"] = round(busy)
             results["scenarios"][name] = entry
-            print(f"  {name:<9} {entry['status']:<14} {entry['seconds']:6.1f} s  "
+            print(f"  {name:<11} {entry['status']:<14} {entry['seconds']:6.1f} s  CPUs {entry['cpus_busy_pct']}% busy "
+                  f"(other work {entry['other_load_pct']}%)  "
                   f"{entry.get('reason') or entry.get('error', '')[:300]}", file=sys.stderr, flush=True)
     finally:
         if not args.keep:

@@ -276,6 +276,9 @@ class UplinkSettings:
     batch_max_bytes: int = 65536
     """Upper bound of a frame's payload before compression (also kept under the broker's Maximum Packet Size)."""
     batch_compression: Literal["none", "zlib"] = "none"
+    batch_linger_ms: float = 0.0
+    """With batching: how long a partly filled frame of live records may wait for more before it goes up anyway
+    (fewer, fuller frames on a slow trickle, at the cost of that much latency). 0: send what there is."""
     client: Literal["native", "paho"] = "native"
     """The MQTT client under the uplink: ``native`` (edgegw's own on asyncio: PUBLISHes of a loop turn in one
     write, PUBACKs parsed from bytes) or ``paho`` (paho-mqtt driven by the loop). Same behaviour, same logs."""
@@ -308,6 +311,8 @@ class UplinkSettings:
             raise ConfigError("uplink.batch_max_records", f"must be 1-65535, got {self.batch_max_records}")
         if self.batch_max_bytes < 1024:
             raise ConfigError("uplink.batch_max_bytes", f"must be >= 1024, got {self.batch_max_bytes}")
+        if not 0 <= self.batch_linger_ms <= 60_000:
+            raise ConfigError("uplink.batch_linger_ms", f"must be 0-60000, got {self.batch_linger_ms}")
         _positive("uplink.breaker_cooldown", self.breaker_cooldown)
         if not 1 <= self.port <= 65535:
             raise ConfigError("uplink.port", f"must be 1-65535, got {self.port}")

@@ -9,6 +9,7 @@ lost on the way.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import ssl
 from collections.abc import Callable
@@ -25,11 +26,14 @@ from edgegw.ops import otel
 from edgegw.ops.notify import SystemdNotifier
 from edgegw.outbox.store import Outbox
 from edgegw.pipeline import control
+from edgegw.pipeline.commands import TenantCommands, tenant_lookup
 from edgegw.pipeline.poison import FILE as POISON_FILE
 from edgegw.pipeline.poison import PoisonStore
 from edgegw.pipeline.reload import build_pipeline, reload_config
 from edgegw.pipeline.replay import replay_live
+from edgegw.pipeline.tenants import safe_tenant
 from edgegw.policy.acl import ACL
+from edgegw.policy.certattrs import Subjects, attribute_oid, subject_value
 from edgegw.policy.limits import Limiter, RegistryClasses, UsageStore
 from edgegw.registry.reload import Credentials
 from edgegw.tlsutil import client_ssl_context
@@ -49,6 +53,7 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.poison: PoisonStore | None = None
         self._replaying: asyncio.Task[None] | None = None
+        self._replay_ended = False  # set at stop: a later SIGUSR1 starts nothing
         self.server: MQTTServer | None = None
         self.coap: CoAPServer | None = None
         """The CoAP ingress ([coap] enabled = true), else None."""
@@ -65,14 +70,15 @@ class Gateway:
         device_tls = _load_tls("tls", self.credentials.load)
         uplink_tls = _load_tls("uplink", lambda: client_ssl_context(
             config.uplink.ca, config.uplink.cert, config.uplink.key))
-        spans = self.otel = otel.build(config.tracing, config.gateway.id)  # None unless [tracing] exporter is set
+        spans = self.otel = otel.build(config.tracing, config.gateway.id,  # None unless [tracing] exporter is set
+                                       config.uplink.topic_prefix)
         outbox = self.outbox = await Outbox.open(config.outbox)
         try:
             server = self.server = MQTTServer(config.mqtt, device_tls, ACL.from_settings(config.acl), outbox,
                                               otel=spans)
             self.credentials.attach(server)  # the registry/CRL authorizer, and reload closes revoked sessions
             # Always built (without rules it admits at once), so a reload can add limits.
-            limiter, classes = _build_limiter(config, server)
+            limiter, classes, subjects = _build_limiter(config, server)
             server.limiter = self.limiter = limiter
             # Poison messages (edgegw/pipeline/poison.py) in quarantine.db next to the outbox; opened even without a
             # pipeline, so a reload can add one.
@@ -86,10 +92,14 @@ class Gateway:
                                               pipeline=lambda: server.pipeline,  # the same, also after reload
                                               tls=config.tls)
                 self.credentials.attach(coap)
+                coap.site.seen = subjects.note_remote  # tenant and tier from a CoAP device's certificate, as MQTT
             # Commands from upstream (uplink.command_topic) go to the devices' sessions (and CoAP observations);
             # "" leaves it unused.
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
                                           ssl_context=uplink_tls, downlink=_downlink(server, coap), otel=spans)
+            # With [tenants]: commands from each tenant's upstream space, to that tenant's devices only.
+            uplink.commands = TenantCommands(config.uplink.command_topic, config.uplink.topic_prefix,
+                                             lambda: server.pipeline, tenant_lookup(server, coap, subjects))
             if coap is not None:
                 # Before the TaskGroup, so a port that cannot be bound stops the start with a ConfigError naming
                 # coap.port (inside, it would come out wrapped in an ExceptionGroup). Requests that arrive before
@@ -107,6 +117,9 @@ class Gateway:
                          coap_dtls_port=coap.dtls_port if coap is not None else None,
                          outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+                # What start built lives as long as the process: out of the collector's passes, which otherwise walk
+                # it again and again while messages flow (a full pass over every module, config and certificate).
+                gc.freeze()
                 watchdog = tg.create_task(self.notifier.watchdog(self.status_line), name="watchdog")
                 watcher = tg.create_task(self.credentials.watch(), name="credentials-watch")
                 if on_ready is not None:
@@ -116,9 +129,13 @@ class Gateway:
                 log.info("gateway.stopping", connections=server.connection_count, outbox_depth=outbox.depth)
                 if coap is not None:
                     coap.stop_accepting()  # no new device while MQTT drains; then CoAP's own in-flight commits
+                # One drain budget for both ingresses, so a stop stays within DRAIN_TIMEOUT (+ the writer's last
+                # commit) whatever each of them waits for.
+                drain_until = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
                 await server.drain(DRAIN_TIMEOUT)
                 if coap is not None:
-                    await coap.drain(DRAIN_TIMEOUT)
+                    await coap.drain(max(0.5, drain_until - asyncio.get_running_loop().time()))
+                await self._end_replay()  # before the quarantine writer and the outbox it uses
                 poison.stop()  # devices are drained: what they sent is committed, the quarantine writer can end
                 await poison_task
                 # The uplink stops before the outbox writer does, so every upstream PUBACK that arrived is turned
@@ -136,6 +153,7 @@ class Gateway:
                     await admin.close()
         finally:
             control.remove_pid(control.state_dir(config.outbox.path))
+            await self._end_replay()  # also when the TaskGroup failed: never a replay on a closed file
             if self.poison is not None:
                 await self.poison.close()
             await outbox.close()
@@ -158,10 +176,19 @@ class Gateway:
 
     def replay(self) -> None:
         """SIGUSR1 (``edgegw quarantine replay`` while running): poison messages back through the pipeline."""
-        if self.server is None or (self._replaying is not None and not self._replaying.done()):
+        if (self.server is None or self._replay_ended
+                or (self._replaying is not None and not self._replaying.done())):
             return
         self._replaying = asyncio.get_running_loop().create_task(
             replay_live(self, control.state_dir(self.config.outbox.path)), name="quarantine-replay")
+
+    async def _end_replay(self) -> None:
+        """Cancel and await a SIGUSR1 replay (a task outside the TaskGroup: a signal may start it at any time)."""
+        self._replay_ended = True
+        replaying, self._replaying = self._replaying, None
+        if replaying is not None:
+            replaying.cancel()
+            await asyncio.wait({replaying})
 
     def status_line(self) -> str:
         devices = len(self.server.devices) if self.server else 0
@@ -181,28 +208,43 @@ def _downlink(server: MQTTServer, coap: CoAPServer | None) -> Callable[..., bool
     return deliver
 
 
-def _build_limiter(config: Config, server: MQTTServer) -> tuple[Limiter, RegistryClasses]:
-    """The limiter with this day's and month's quota usage, and the registry's groups/tenants (blocking: at start)."""
+def _build_limiter(config: Config, server: MQTTServer) -> tuple[Limiter, RegistryClasses, Subjects]:
+    """The limiter with this day's and month's quota usage, the registry's groups/tenants (blocking: at start), and
+    the certificate subjects devices presented (what CoAP notes for the limiter)."""
     classes = RegistryClasses(config.registry.path)
     snapshot = classes.read_if_changed()
     if snapshot is not None:
         classes.install(snapshot)
 
+    subjects = Subjects()
+
     def classify(device_id: str) -> tuple[str, str]:
         # Asked once per device state (first message, after a reload or a registry change), not per message.
-        # The group (tier) is the registry's; the tenant is the pipeline's when [tenants] is configured (it may
-        # come from the certificate's O/OU: read from the device's live MQTT connection), else the registry's.
+        # The certificate is the one the device last presented on any ingress: its live MQTT connection, or
+        # noted by the CoAP site (coaps+tcp and DTLS) before the limiter is asked. The group (tier) is the
+        # certificate's attribute when limits.group_source names one, else the registry's; the tenant is the
+        # pipeline's when [tenants] is configured (registry or certificate), else the registry's.
         group, tenant = classes(device_id)
-        pipeline = server.pipeline
         proto = server.devices.get(device_id)
-        if pipeline is not None and proto is not None and proto.identity is not None:
-            tenant = pipeline.tenants.tenant(device_id, proto.identity.serial, proto._peercert) or tenant
+        if proto is not None and proto.identity is not None:
+            subjects.note(device_id, proto.identity.serial, proto._peercert)
+        if device_id in subjects:
+            oid = attribute_oid("limits.group_source", limiter.settings.group_source)
+            if oid is not None:
+                group = safe_tenant(subject_value(subjects.peercert(device_id), oid)) or group
+            pipeline = server.pipeline
+            if pipeline is not None:
+                tenant = pipeline.tenants.tenant(device_id, subjects.serial(device_id),
+                                                 lambda: subjects.peercert(device_id)) or tenant
+        elif server.pipeline is not None and server.pipeline.tenants.source == "registry":
+            tenant = server.pipeline.tenants.tenant(device_id, "", None) or tenant
         return group, tenant
 
     usage_path = config.limits.usage_path or config.outbox.path.with_name("usage.db")
     limiter = Limiter(config.limits, classify=classify, store=UsageStore(usage_path))
+    subjects.on_change = limiter.reclassify  # a device's new certificate may put it in another group or tenant
     limiter.load_usage()
-    return limiter, classes
+    return limiter, classes, subjects
 
 
 def _load_tls(section: str, build: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:

@@ -480,9 +480,12 @@ class GatewayProcess:
                        "cert": str(pki.client("uplink").cert), "key": str(pki.client("uplink").key),
                        "topic_prefix": "cloud", "reconnect_min": 0.1, "reconnect_max": 0.5},
             "log": {"level": "info"},
-            # An ephemeral admin port: several test gateways at once must not fight over the default 9180.
-            "admin": {"port": 0},
+            # No admin server unless a test asks for one ([admin] in overrides): several test gateways at once
+            # must not fight over the default 9180, nor an ephemeral one take a port free_port() handed out.
+            "admin": {"enabled": False},
         }
+        if overrides and "admin" in overrides:
+            sections["admin"] = {}
         for name, values in (overrides or {}).items():
             sections.setdefault(name, {}).update(values)
         self.config_path = folder / "edgegw.toml"

@@ -1,4 +1,6 @@
-"""Smoke of the one-command benchmark suite (`bench/suite.py --smoke`): real processes, about 30 s.
+"""Smoke of the one-command benchmark suite (`bench/suite.py --smoke`): real processes, about 30 s; the drain
+scenario (`bench/drain.py`, edgegw and a mosquitto bridge behind a cut link) at a tiny size; the generated
+Markdown from a results object.
 
 The figures depend on the machine and are not asserted; that every scenario ran (or is reported as not
 available), the delivery checks held, the JSON has the fields docs/BENCHMARKS.md uses and the plots are PNGs is.
@@ -27,8 +29,14 @@ def test_suite_smoke_runs_every_scenario_and_draws_plots(tmp_path: Path) -> None
     results = json.loads(results_path.read_text())
     assert results == json.loads(proc.stdout)
     assert results["smoke"] is True and results["machine"]["cpus"] >= 1
+    machine = results["machine"]
+    assert machine["openssl"].startswith("OpenSSL") and machine["mosquitto"][:1].isdigit(), machine
+    assert machine["python"] and machine["sqlite"] and machine["os"], machine
+    assert "machine: " in proc.stderr and machine["openssl"] in proc.stderr
     scenarios = results["scenarios"]
     assert set(scenarios) == {"mqtt", "sim", "coap", "backfill"}
+    for entry in scenarios.values():
+        assert 0 <= entry["cpus_busy_pct"] <= 100 and entry["other_load_pct"] >= 0, entry
     for name in ("coap", "backfill"):  # other engineers' scripts: either they run or the suite says why not
         entry = scenarios[name]
         assert entry["status"] in ("ok", "not available"), entry
@@ -61,3 +69,53 @@ def test_suite_smoke_runs_every_scenario_and_draws_plots(tmp_path: Path) -> None
     assert plots == expected, results["plots"]
     for name in plots:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_drain_edgegw_and_bridge_deliver_the_backlog_and_the_live_messages() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "drain.py"), "--devices", "1", "--messages", "300",
+                           "--live-rate", "50", "--min-live", "5", "--timeout", "30"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=80, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    edges = {line["edge"]: line for line in lines if "edge" in line}
+    assert set(edges) == {"edgegw", "bridge"}
+    for r in edges.values():
+        # Nothing crossed the cut link (checked inside), then everything arrived exactly once.
+        assert r["backlog"] == r["delivered"] == 300 and r["lost"] == 0 and r["duplicates"] == 0, r
+        assert r["live_sent"] >= 5 and r["live_delivered"] == r["live_sent"] and r["live_lost"] == 0, r
+        assert r["drain_msg_s"] > 0 and r["reconnect_s"] >= 0 and r["live_p99_ms"] is not None, r
+    summary = lines[-1]["summary"]
+    assert summary["backlog"] == 300 and summary["edgegw_lost"] == summary["bridge_lost"] == 0
+    assert summary["ratio_drain"] > 0
+
+
+def test_markdown_names_the_machine_the_ratios_and_the_plots(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import suite
+
+    machine = suite.machine()
+    results = {
+        "generated": "2026-11-29 22:00 UTC", "command": "bench/suite.py --md docs/BENCHMARKS.md", "machine": machine,
+        "plots": ["docs/bench/drain.png"],
+        "scenarios": {
+            "mqtt": {"status": "ok", "seconds": 100.0, "cpus_busy_pct": 90, "other_load_pct": 3, "results": {
+                "rows": {"A": {"device-side msg/s": 20000.0}, "B": {"device-side msg/s": 9000.0,
+                                                                    "edge CPU us/msg": 60.0},
+                         "C": {"device-side msg/s": 18000.0, "edge CPU us/msg": 25.0}},
+                "ratios": {"edgegw_vs_bridge_device_side_throughput": 0.5, "edgegw_vs_bridge_edge_cpu_per_message": 2.4,
+                           "edgegw_vs_generator_ceiling": 0.45}, "command": "bench/run.py --only ABC"}},
+            "drain": {"status": "failed", "seconds": 3.0, "error": "RuntimeError: bench/drain.py exited 1"},
+        }}
+    text = suite.render_markdown(results, ROOT / "docs")
+    assert "OpenSSL" in text and f"mosquitto {machine['mosquitto']}" in text and machine["os"] in text
+    mqtt_row = next(line for line in text.splitlines() if line.startswith("| mqtt |"))
+    assert "**0.50x**" in mqtt_row and "**2.40x**" in mqtt_row and "generator ceiling **0.45x**" in mqtt_row
+    assert mqtt_row.endswith("| 90 (3) |")
+    assert "| drain | " in text and "failed" in text and "exited 1" in text
+    assert "| idle_cpu | | not run yet |" in text
+    assert "![drain](bench/drain.png)" in text
+    doc = "# t\n\nbefore\n" + suite.MD_BEGIN + "\nOLD-BODY\n" + suite.MD_END + "\nafter\n"
+    replaced = suite.replace_section(doc, text)
+    assert "OLD-BODY" not in replaced and replaced.startswith("# t\n\nbefore\n") and replaced.endswith("\nafter\n")

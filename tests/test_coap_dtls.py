@@ -387,3 +387,149 @@ def test_bench_load_generator_runs() -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["mode"] == "dtls" and result["requests"] > 0 and result["lost"] == 0, result
+
+
+async def test_exchange_lifetime_empties_the_message_id_memory(dpki: DTLSPKI, start: StartServer) -> None:
+    """aiocoap keeps every message id for EXCHANGE_LIFETIME (RFC 7252: 247 s, ~2.3 KB each): memory would climb
+    under sustained load. The DTLS transport gives its requests ``exchange_lifetime``; after it, nothing is kept."""
+    served = await start(limits=DTLSLimits(exchange_lifetime=0.5))
+    client = dpki.client(served.port, "dev-b")
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, client.handshake)
+        for mid in range(1, 201):
+            response = await loop.run_in_executor(None, coap_get, client, "who", mid)
+            assert response.payload == b"device=dev-b"
+        mman = served.server._mman
+        assert mman is not None and len(mman._recent_messages) > 0  # kept while the exchange may still repeat
+        # A duplicate within the lifetime is answered again (from that memory).
+        again = await loop.run_in_executor(None, coap_get, client, "who", 200)
+        assert again.mid == 200 and again.payload == b"device=dev-b"
+        for _ in range(200):
+            if not mman._recent_messages:
+                break
+            await asyncio.sleep(0.02)
+        assert not mman._recent_messages, len(mman._recent_messages)
+    finally:
+        client.close(notify=False)
+
+
+class _DropFirstAppRecord(asyncio.DatagramProtocol):
+    """A UDP relay between one client and the server that loses the client's first datagram of application data
+    (DTLS content type 23), as a lossy radio link would."""
+
+    def __init__(self, server: tuple[str, int]) -> None:
+        self.server = server
+        self.client: tuple[str, int] | None = None
+        self.dropped = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        if addr == self.server:
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+            return
+        self.client = addr
+        if data[:1] == b"\x17" and not self.dropped:
+            self.dropped += 1
+            return
+        self.transport.sendto(data, self.server)
+
+
+async def test_simulated_dtls_device_retransmits_and_takes_separate_responses(dpki: DTLSPKI) -> None:
+    """edgegw-sim's DTLS device (edgegw/sim/dtls_device.py) against the DTLS transport: a lost request is sent again
+    with the same message id after ACK_TIMEOUT; a slow answer comes as an empty ACK then a separate CON response,
+    which the device acknowledges; every message is counted acknowledged exactly once."""
+    from edgegw.sim.dtls_device import DTLSDevice
+
+    class Slow(resource.Resource):
+        calls = 0
+
+        async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+            Slow.calls += 1
+            await asyncio.sleep(0.4)  # past aiocoap's EMPTY_ACK_DELAY (0.1 s): an empty ACK goes out first
+            return aiocoap.Message(code=aiocoap.CREATED)
+
+    site = resource.Site()
+    site.add_resource(["ps", "slow"], Slow())
+    context = aiocoap.Context(serversite=site)
+    server = await start_dtls_server(context, host="127.0.0.1", port=0, material=dpki.material(),
+                                     limits=DTLSLimits(), authorize=lambda identity: None)
+    loop = asyncio.get_running_loop()
+    relay = _DropFirstAppRecord(("127.0.0.1", int(server.address[1])))
+    relay_transport, _ = await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
+    cert, key = dpki.device("dev-a")
+    device = DTLSDevice("dev-a", "127.0.0.1", relay_transport.get_extra_info("sockname")[1], None,
+                        dtls_files=(dpki.ca, cert, key), topic="devices/dev-a/slow", window=4, keepalive=30)
+    task = asyncio.create_task(device.run())
+    try:
+        async with asyncio.timeout(20):
+            while not device.connected:
+                await asyncio.sleep(0.02)
+            device.request(6)
+            while device.acknowledged < 6:
+                await asyncio.sleep(0.05)
+        assert relay.dropped == 1 and device.resent >= 1, (relay.dropped, device.resent)
+        assert device.refused == 0 and device.inflight == 0 and list(device.acked) == [1, 2, 3, 4, 5, 6]
+        assert Slow.calls == 6  # the retransmission was the lost request, not a second copy of a received one
+        assert device.connects == 1  # no reconnect was needed
+    finally:
+        device.close()
+        await asyncio.wait_for(task, 10)
+        relay_transport.close()
+        await context.shutdown()
+
+
+async def test_sweeper_goes_on_after_a_teardown_that_raises(dpki: DTLSPKI) -> None:
+    """One session's teardown raising (here aiocoap's dispatch_error, through the message_manager seam) must not end
+    the sweep: later sessions still expire and half-done handshakes still time out (else dtls_max_sessions fills)."""
+    from aiocoap.messagemanager import MessageManager
+    from structlog.testing import capture_logs
+
+    class FailsOnce(MessageManager):
+        failed = 0
+
+        def dispatch_error(self, error: Exception, remote: object) -> None:
+            if not FailsOnce.failed:
+                FailsOnce.failed += 1
+                raise RuntimeError("injected: teardown failed")
+            super().dispatch_error(error, remote)
+
+    context = aiocoap.Context(serversite=resource.Site())
+    server = await start_dtls_server(context, host="127.0.0.1", port=0, material=dpki.material(),
+                                     limits=DTLSLimits(handshake_timeout=0.5, idle_timeout=0.5),
+                                     message_manager=FailsOnce)
+    port = int(server.address[1])
+    clients: list[DTLSClient] = []
+    try:
+        with capture_logs() as logs:
+            clients.append(await asyncio.to_thread(_connected, dpki, port, "dev-a"))
+            for _ in range(250):
+                if FailsOnce.failed:
+                    break
+                await asyncio.sleep(0.02)
+            assert FailsOnce.failed == 1 and server.sessions == 0
+            # Later: an idle session and a half-done handshake, both left to the sweeper.
+            idle = await asyncio.to_thread(_connected, dpki, port, "dev-b")
+            clients.append(idle)
+            half = dpki.client(port, "dev-c")
+            clients.append(half)
+            await asyncio.to_thread(half.handshake, 5.0, stop_after_flights=2)
+            for _ in range(250):
+                stats = server.stats
+                if server.sessions == 0 and stats.handshake_timeouts and stats.sessions_expired == 2:
+                    break
+                await asyncio.sleep(0.02)
+        assert server.stats.sessions_expired == 2 and server.stats.handshake_timeouts == 1, server.stats
+        assert server.sessions == 0
+        assert [e["event"] for e in logs].count("dtls.sweep_failed") == 1, logs
+        with pytest.raises(SSL.ZeroReturnError):  # its expiry said close_notify
+            await asyncio.to_thread(idle.recv, 2.0)
+    finally:
+        for client in clients:
+            client.close(notify=False)
+        await context.shutdown()

@@ -8,17 +8,22 @@ import asyncio
 import shutil
 import sqlite3
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiocoap
 import pytest
+from aiocoap.numbers.codes import Code
 from aiocoap.transports.tcp import _extract_message_size, _serialize
+from OpenSSL import SSL
 
 from conftest import Fleet
 from edgegw.coap import CoAPServer
+from edgegw.coap._dtls_client import DTLSClient, client_context
 from edgegw.config import ACLSettings, CoAPSettings, OutboxSettings, TLSSettings
 from edgegw.identity import server_ssl_context
 from edgegw.mqtt.packets import Properties, PropertyId
@@ -237,3 +242,254 @@ async def test_lab_listener_non_is_best_effort_and_con_waits_for_the_commit(tmp_
     finally:
         db.close()
     assert rows == {"non-1": 0, "con-1": 1}
+
+
+async def test_put_answers_2_04_and_post_2_01_only_once_committed(tmp_path: Path, fleet: Fleet) -> None:
+    # A 250 ms commit window: an answer sent before the commit would arrive long before the row is readable from
+    # another connection (WAL: only committed data is visible there).
+    async with running(tmp_path, fleet, outbox={"commit_window_ms": 250.0}) as srv, device(fleet, "dev-03") as ctx:
+        for method, code, path in ((aiocoap.PUT, "2.04 Changed", "put/1"), (aiocoap.POST, "2.01 Created", "post/1")):
+            msg = aiocoap.Message(code=method, uri=f"coaps+tcp://127.0.0.1:{srv.port}/ps/{path}", payload=b"{}",
+                                  content_format=50)
+            answer = await asyncio.wait_for(ctx.request(msg).response, 10)
+            assert str(answer.code) == code
+            db = sqlite3.connect(f"file:{tmp_path / 'outbox.db'}?mode=ro", uri=True, timeout=5)
+            try:
+                topics = [t for (t,) in db.execute("SELECT topic FROM records WHERE device_id = 'dev-03'")]
+            finally:
+                db.close()
+            assert f"devices/dev-03/{path}" in topics, topics
+
+
+# --- DTLS flow control and drain; the idle sweep's error guard ------------------------------------------------
+
+
+@dataclass
+class _Rig:
+    """The ingress with DTLS on, over an outbox whose writer runs only once the test calls :meth:`start_writer`:
+    until then every reliable publish waits for its commit (a real Outbox, merely not committing yet)."""
+
+    server: CoAPServer
+    outbox: Outbox
+    writer: asyncio.Task[None] | None = None
+    drained: bool = False
+
+    def start_writer(self) -> None:
+        if self.writer is None:
+            self.writer = asyncio.create_task(self.outbox.run())
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        self.drained = True
+        await asyncio.wait_for(self.server.drain(timeout), timeout + 10)
+
+
+@asynccontextmanager
+async def dtls_rig(tmp_path: Path, fleet: Fleet, *, outbox: dict[str, Any] | None = None,
+                   **coap: Any) -> AsyncIterator[_Rig]:
+    tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
+                      ca=fleet.ca)
+    box = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **(outbox or {})))
+    settings = CoAPSettings(enabled=True, bind="127.0.0.1", port=0, dtls=True, dtls_port=0, **coap)
+    rig = _Rig(CoAPServer(settings, server_ssl_context(tls), ACL.from_settings(ACLSettings()), box, tls=tls), box)
+    await rig.server.start()
+    try:
+        yield rig
+    finally:
+        rig.start_writer()
+        if not rig.drained:
+            await rig.drain()
+        box.stop()
+        assert rig.writer is not None
+        await rig.writer
+        await box.close()
+
+
+def _dtls_device(fleet: Fleet, port: int, device_id: str) -> DTLSClient:
+    pair = fleet.device(device_id)
+    client = DTLSClient("127.0.0.1", port, client_context(fleet.ca, pair.cert, pair.key))
+    try:
+        client.handshake(5.0)
+    except BaseException:
+        client.close(notify=False)
+        raise
+    return client
+
+
+def _post_con(client: DTLSClient, mids: Any) -> None:
+    """CON POSTs to /ps/n/{mid}, token = message id; sent again with the same ids, they are retransmissions."""
+    for mid in mids:
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "n", str(mid)), payload=b'{"n":%d}' % mid,
+                              content_format=50)
+        msg.mtype, msg.mid, msg.token = aiocoap.CON, mid, mid.to_bytes(2, "big")
+        client.send(msg.encode())
+
+
+def _answers(client: DTLSClient, seconds: float, *, ack_delay: float = 0.0) -> tuple[dict[int, str], bool]:
+    """The responses (token -> code) that came within ``seconds``, each separate (CON) one ACKed as a device does
+    (after ``ack_delay``: a slow radio); and whether the server closed the session (close_notify). Empty ACKs are
+    skipped."""
+    got: dict[int, str] = {}
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            msg = aiocoap.Message.decode(client.recv(left))
+        except TimeoutError:
+            break
+        except SSL.ZeroReturnError:
+            return got, True
+        except ConnectionRefusedError:  # the ICMP answer to an ACK sent after the server closed; read on
+            continue
+        if msg.code.is_response():
+            got[int.from_bytes(msg.token, "big")] = str(msg.code)
+            if msg.mtype is aiocoap.CON:
+                time.sleep(ack_delay)
+                empty = aiocoap.Message(code=Code.EMPTY)
+                empty.mtype, empty.mid = aiocoap.ACK, msg.mid
+                client.send(empty.encode())
+    return got, False
+
+
+def _until_answered(client: DTLSClient, mids: list[int], seconds: float) -> dict[int, str]:
+    """A device's retransmissions: what has no answer yet is sent again (same message ids) every 0.5 s."""
+    got: dict[int, str] = {}
+    deadline = time.monotonic() + seconds
+    while len(got) < len(mids) and time.monotonic() < deadline:
+        _post_con(client, [m for m in mids if m not in got])
+        got.update(_answers(client, 0.5)[0])
+    return got
+
+
+def _stored_topics(tmp_path: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{tmp_path / 'outbox.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        return sorted(t for (t,) in db.execute("SELECT topic FROM records"))
+    finally:
+        db.close()
+
+
+async def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    for _ in range(int(seconds / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_dtls_session_past_max_inflight_loses_new_requests_until_the_commits_answer(tmp_path: Path,
+                                                                                         fleet: Fleet) -> None:
+    async with dtls_rig(tmp_path, fleet, max_inflight=4) as rig:
+        srv, dtls = rig.server, rig.server.dtls
+        client = await asyncio.to_thread(_dtls_device, fleet, srv.dtls_port, "dev-06")
+        try:
+            # Ten CONs at once, nothing committing: four wait for their commit, six are dropped unread (no exchange,
+            # no task, no record); nothing is answered 2.01 before its commit.
+            await asyncio.to_thread(_post_con, client, range(1, 11))
+            early, _ = await asyncio.to_thread(_answers, client, 0.5)
+            assert early == {}, early
+            assert srv.stats.requests == 4 and dtls.inflight == 4, (srv.stats, dtls.inflight)
+            assert dtls.stats.requests_dropped_busy == 6, dtls.stats
+            # The writer catches up: the four are answered, the session is read again, and the device's
+            # retransmissions of the six get through. Each stored once (retransmissions of held ones are duplicates).
+            rig.start_writer()
+            answered = await asyncio.to_thread(_until_answered, client, list(range(1, 11)), 20)
+            assert answered == {mid: "2.01 Created" for mid in range(1, 11)}, answered
+            assert dtls.inflight == 0
+        finally:
+            client.close()
+    assert _stored_topics(tmp_path) == sorted(f"devices/dev-06/n/{mid}" for mid in range(1, 11))
+
+
+async def test_dtls_sessions_are_not_read_while_the_outbox_is_congested(tmp_path: Path, fleet: Fleet) -> None:
+    async with dtls_rig(tmp_path, fleet, outbox={"max_pending": 2}) as rig:
+        srv, dtls = rig.server, rig.server.dtls
+        a = await asyncio.to_thread(_dtls_device, fleet, srv.dtls_port, "dev-07")
+        b = await asyncio.to_thread(_dtls_device, fleet, srv.dtls_port, "dev-08")
+        try:
+            await asyncio.to_thread(_post_con, a, range(1, 6))
+            await _wait_for(lambda: srv.stats.requests == 2, "two requests of a")
+            await asyncio.sleep(0.2)
+            # Two records await commit (= max_pending): a is held although far below max_inflight (32).
+            assert rig.outbox.congested and srv.stats.requests == 2 and dtls.stats.requests_dropped_busy == 3
+            # Another session gets one request in, then is held too.
+            await asyncio.to_thread(_post_con, b, range(11, 13))
+            await _wait_for(lambda: dtls.stats.requests_dropped_busy == 4, "b's second request dropped")
+            assert srv.stats.requests == 3
+            rig.start_writer()  # the commit decongests: both are read again, the retransmissions get through
+            got_a, got_b = await asyncio.gather(asyncio.to_thread(_until_answered, a, list(range(1, 6)), 20),
+                                                asyncio.to_thread(_until_answered, b, [11, 12], 20))
+            assert set(got_a.values()) == set(got_b.values()) == {"2.01 Created"}
+            assert (sorted(got_a), sorted(got_b)) == ([1, 2, 3, 4, 5], [11, 12])
+        finally:
+            a.close()
+            b.close()
+    assert len(_stored_topics(tmp_path)) == 7
+
+
+async def test_drain_answers_dtls_publishes_awaiting_their_commit(tmp_path: Path, fleet: Fleet) -> None:
+    async with dtls_rig(tmp_path, fleet) as rig:
+        srv = rig.server
+        client = await asyncio.to_thread(_dtls_device, fleet, srv.dtls_port, "dev-09")
+        try:
+            await asyncio.to_thread(_post_con, client, [1, 2, 3])
+            await _wait_for(lambda: srv.stats.requests == 3, "three publishes awaiting their commit")
+            assert srv.inflight == 3
+            drain = asyncio.create_task(rig.drain(10))
+            await asyncio.sleep(0.3)
+            assert not drain.done()  # it waits for the three (the writer is not running yet)
+            await asyncio.to_thread(_post_con, client, [4])  # arrives while draining: dropped unread
+            await _wait_for(lambda: srv.dtls.stats.requests_dropped_busy == 1, "the late request dropped")
+            # The device reads until close_notify, and ACKs each separate response slowly: aiocoap sends the next
+            # one only after that ACK (NSTART = 1), so two of the three wait in its queue when the commit is done.
+            reader = asyncio.create_task(asyncio.to_thread(_answers, client, 12, ack_delay=0.3))
+            rig.start_writer()
+            await drain
+            # Each publish got its 2.01 before the session closed: no resend after the restart, no duplicate.
+            got, closed = await reader
+        finally:
+            client.close(notify=False)
+        assert got == {1: "2.01 Created", 2: "2.01 Created", 3: "2.01 Created"} and closed, (got, closed)
+    assert _stored_topics(tmp_path) == [f"devices/dev-09/n/{mid}" for mid in (1, 2, 3)]
+
+
+async def test_idle_sweep_goes_on_after_a_close_that_raises(tmp_path: Path, fleet: Fleet) -> None:
+    from structlog.testing import capture_logs
+
+    async with running(tmp_path, fleet, idle_timeout=0.4) as srv:
+        listener, stats = srv.listener, srv.connection_stats
+        assert listener is not None and stats is not None
+        ctx = _tls_client(fleet, "dev-10")
+        first = await asyncio.open_connection("127.0.0.1", srv.port, ssl=ctx, server_hostname="127.0.0.1")
+        await _wait_for(lambda: any(c.device_identity for c in listener._pool), "the first connection attached")
+        (conn,) = listener._pool
+
+        def broken_close() -> None:  # a fault in one connection's teardown
+            raise RuntimeError("injected: close failed")
+
+        conn.close = broken_close  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            await _wait_for(lambda: stats.idle_closed == 1, "the sweep to reach the first connection")
+            await asyncio.wait_for(first[0].read(), 5)  # read to EOF (after our CSM): that one is closed even so
+        assert [e["event"] for e in logs].count("coap.sweep_failed") == 1, logs
+        # The sweep is still running: a later silent connection is closed too.
+        second = await asyncio.open_connection("127.0.0.1", srv.port, ssl=ctx, server_hostname="127.0.0.1")
+        await asyncio.wait_for(second[0].read(), 5)
+        await _wait_for(lambda: srv.connection_count == 0, "both connections forgotten")
+        assert stats.idle_closed == 2
+        for _, writer in (first, second):
+            writer.close()
+
+
+async def test_dtls_requests_are_still_checked_by_the_authorizer(tmp_path: Path, fleet: Fleet) -> None:
+    # A DTLS remote is counted like a connection now, but has no connection-level verdict: a device refused after
+    # its handshake (registry change, before any revalidation) still gets 4.03 on its next request.
+    async with dtls_rig(tmp_path, fleet) as rig:
+        rig.start_writer()
+        srv = rig.server
+        client = await asyncio.to_thread(_dtls_device, fleet, srv.dtls_port, "dev-11")
+        try:
+            assert await asyncio.to_thread(_until_answered, client, [1], 10) == {1: "2.01 Created"}
+            srv.authorizer = lambda identity: "device is suspended" if identity.device_id == "dev-11" else None
+            assert await asyncio.to_thread(_until_answered, client, [2], 10) == {2: "4.03 Forbidden"}
+        finally:
+            client.close()
+    assert _stored_topics(tmp_path) == ["devices/dev-11/n/1"]

@@ -38,7 +38,7 @@ def test_a_command_reaches_its_device_and_only_it(fleet: Fleet, pki: LabPKI, mos
     dev2 = PahoDevice(fleet.device_context("dev-02"), gw.port, "dev-02", protocol=V311).start()
     try:
         assert [c.value for c in dev1.subscribe("devices/dev-01/cmd/#", 1)] == [1]
-        dev2.subscribe("devices/dev-02/cmd/#", 1)
+        dev2.subscribe("devices/dev-02/cmd/#", 0)  # granted QoS 0: a QoS 1 command arrives at QoS 0
         cloud_publish(pki, mosquitto, "cloud/dev-01/cmd/reboot", "now", "-V", "mqttv5",
                       "-D", "publish", "response-topic", "cloud/dev-01/cmd-reply",
                       "-D", "publish", "correlation-data", "req-17",
@@ -53,7 +53,7 @@ def test_a_command_reaches_its_device_and_only_it(fleet: Fleet, pki: LabPKI, mos
 
         cloud_publish(pki, mosquitto, "cloud/dev-02/cmd/blink", "3")
         (got2,) = dev2.wait_messages(1, timeout=10)
-        assert (got2.topic, got2.payload) == ("devices/dev-02/cmd/blink", b"3")
+        assert (got2.topic, got2.payload, got2.qos) == ("devices/dev-02/cmd/blink", b"3", 0)
         cloud_publish(pki, mosquitto, "cloud/dev-03/cmd/blink", "nobody")  # no session: undeliverable
         gw.wait_for_event("uplink.command_undeliverable", device_id="dev-03")
         time.sleep(0.3)

@@ -264,3 +264,29 @@ def test_limits_section_in_a_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(target)
     assert info.value.key == "limits.rate[0].messages_rate"
+
+
+def test_quota_usage_in_memory_is_bounded_when_a_peer_makes_up_ids(tmp_path: Path) -> None:
+    """Ids a lab peer chooses each got a usage entry kept until the month changed. Now, past ``max_devices``,
+    the least recently used entries of devices without live state and already written are forgotten; the file
+    keeps the higher count, so a forgotten device that comes back is not reset there."""
+    path = tmp_path / "usage.db"
+    raw = {"max_devices": 10, "quota": [{"period": "day", "messages": 1000}]}
+    lim = limiter(raw, store=UsageStore(path))
+    for _ in range(3):
+        lim.admit("real", 1)
+    for i in range(500):
+        lim.admit(f"made-up-{i}", 1)
+        if i % 50 == 49:  # the upkeep task: flush, then sweep
+            asyncio.run(lim.flush())
+            lim.sweep()
+    assert len(lim._usage) <= 10 + 50 and lim.tracked_devices <= 10  # no longer one entry per id ever seen
+    assert lim.usage_of("real") is None and lim.usage_forgotten >= 440
+    lim.admit("real", 1)  # back: counts from zero in memory ...
+    asyncio.run(lim.close())
+    again = limiter(raw, store=UsageStore(path))
+    again.load_usage()
+    usage = again.usage_of("real")
+    assert usage is not None and usage.day_messages == 3  # ... but the file kept the higher count
+    assert len(again._usage) <= 10  # and a restart loads no more than the bound either
+    asyncio.run(again.close())

@@ -141,7 +141,7 @@ def test_otlp_http_export_from_a_real_gateway(fleet: Fleet, pki: LabPKI, mosquit
         assert span.parent_span_id == bytes.fromhex(TP[36:52])  # a child of the device's span
         attributes = {a.key: a.value for a in span.attributes}
         assert attributes["edgegw.device_id"].string_value == "dev-05"
-        assert attributes["messaging.destination.name"].string_value == "devices/dev-05/otel"
+        assert attributes["messaging.destination.name"].string_value == "cloud/dev-05/otel"  # the upstream topic
         assert attributes["edgegw.record_id"].int_value >= 1
         assert span.end_time_unix_nano >= span.start_time_unix_nano > 0
         names = {a.key: a.value.string_value for a in resource.attributes}

@@ -495,3 +495,165 @@ async def test_poison_store_keeps_its_caps(tmp_path: Path, monkeypatch: pytest.M
         store.stop()
         await task
         await store.close()
+
+
+# --- review findings: tenant-less devices, staged step state, fair quarantine caps --------------------------------
+
+def test_a_device_without_a_tenant_goes_under_a_level_no_tenant_can_have() -> None:
+    from edgegw.pipeline.tenants import safe_tenant
+    p = pipeline('[tenants]\nsource = "cert-o"\n[[routes]]\nmatch = "devices/{device_id}/r/#"\n'
+                 'topic = "{prefix}/{device_id}/{rest}"\n')
+    [out] = run(p, "devices/acme/sensor-7/telemetry", b"x", device="acme", tenant="")
+    assert upstream_topic("gw", "acme", out.topic) == "cloud/_untenanted/acme/sensor-7/telemetry"
+    [out] = run(p, "devices/acme/r/sensor-7/telemetry", b"x", device="acme", tenant="")
+    assert upstream_topic("gw", "acme", out.topic) == "cloud/_untenanted/acme/sensor-7/telemetry"
+    [out] = run(p, "devices/sensor-7/telemetry", b"x", device="sensor-7", tenant="acme")
+    assert upstream_topic("gw", "sensor-7", out.topic) == "cloud/acme/sensor-7/telemetry"
+    assert safe_tenant("_untenanted") == "" and safe_tenant("acme") == "acme"  # a certificate cannot claim it
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline({"tenants": {"source": "cert-o", "default": "_untenanted"}}, Path("."))
+    assert info.value.key == "tenants.default"
+    [out] = run(pipeline(ROUTES.replace("devices/{device_id}/#", "devices/{device_id}/env/#")), "devices/d1/o", b"r")
+    assert out.topic == "devices/d1/o"  # without tenants: exactly as before
+
+
+STATEFUL = """
+[transforms.band]
+steps = [{op = "split", field = "v"}, {op = "deadband", field = "temp", delta = 0.5}]
+[transforms.slow]
+steps = [{op = "downsample", interval = 3600}]
+[[routes]]
+name = "band"
+match = "devices/{device_id}/band/#"
+decode = "json"
+transforms = ["band"]
+[[routes]]
+name = "slow"
+match = "devices/{device_id}/slow/#"
+decode = "json"
+transforms = ["slow"]
+"""
+
+
+async def test_deadband_and_downsample_remember_a_message_only_once_it_is_committed(tmp_path: Path) -> None:
+    """A commit that fails (another writer holds the outbox file's lock: SQLITE_BUSY) leaves the device
+    unacknowledged; its resend must be stored, not dropped as "unchanged". State is per (device, topic)."""
+    import sqlite3
+    p = pipeline(STATEFUL)
+    outbox, writer = await _outbox(tmp_path)
+    acks: list[tuple[str, bool]] = []
+
+    def ack(name: str) -> Any:
+        return lambda ok: acks.append((name, ok))
+
+    async def settled(n: int) -> None:
+        for _ in range(1500):
+            if len(acks) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"only {acks}")
+
+    def send(topic: str, body: Any, name: str) -> None:
+        p.submit(outbox, "d1", "", topic, json.dumps(body).encode(), 1, ack(name), None)
+
+    blocker = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None, timeout=0)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the outbox writer now waits for its busy timeout, then fails
+        send("devices/d1/band/a", {"v": [{"temp": 20}]}, "band-lost")
+        send("devices/d1/slow/a", {"x": 1}, "slow-lost")
+        await settled(2)
+        assert sorted(acks) == [("band-lost", False), ("slow-lost", False)]
+        blocker.execute("ROLLBACK")
+        send("devices/d1/band/a", {"v": [{"temp": 20}]}, "band-resent")
+        send("devices/d1/slow/a", {"x": 1}, "slow-resent")
+        assert outbox.pending_count == 2  # both stored, neither "unchanged"
+        await settled(4)
+        assert acks[2:] == [("band-resent", True), ("slow-resent", True)]
+        # Committed: now the same values are dropped (acked at once, nothing stored) ...
+        send("devices/d1/band/a", {"v": [{"temp": 20.2}]}, "band-same")
+        send("devices/d1/slow/a", {"x": 2}, "slow-soon")
+        assert acks[4:] == [("band-same", True), ("slow-soon", True)] and outbox.pending_count == 0
+        # ... but another topic of the same device is another signal; within one message the items of a split
+        # are compared with each other (20 and 20.1 are one value, 25 another).
+        send("devices/d1/band/b", {"v": [{"temp": 20}, {"temp": 20.1}, {"temp": 25}]}, "band-other")
+        send("devices/d1/slow/b", {"x": 3}, "slow-other")
+        assert outbox.pending_count == 3
+        await settled(8)
+        assert acks[6:] == [("band-other", True), ("slow-other", True)]
+    finally:
+        blocker.close()
+        outbox.stop()
+        await writer
+        await outbox.close()
+
+
+def test_step_state_is_bounded_least_recently_stored_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgegw.pipeline import steps
+    monkeypatch.setattr(steps, "MAX_STATE_DEVICES", 2)
+    p = pipeline('[transforms.b]\nsteps = [{op = "deadband", field = "t", delta = 1}]\n'
+                 '[[routes]]\nmatch = "devices/{device_id}/#"\ndecode = "json"\ntransforms = ["b"]\n')
+    for device in ("d1", "d2", "d3"):  # d1 is forgotten when d3 comes
+        assert len(run(p, f"devices/{device}/t", {"t": 5}, device=device)) == 1
+    assert run(p, "devices/d3/t", {"t": 5}, device="d3") == []  # remembered
+    assert len(run(p, "devices/d1/t", {"t": 5}, device="d1")) == 1  # forgotten: goes through again
+
+
+def test_fair_shares_take_from_the_fullest_devices_first() -> None:
+    from edgegw.pipeline.poison import fair_shares
+    assert fair_shares([("noisy", 10), ("a", 2), ("b", 1)], 5) == [("noisy", 5)]
+    assert dict(fair_shares([("a", 3), ("b", 3), ("c", 3)], 4)) == {"a": 2, "b": 1, "c": 1}
+    assert dict(fair_shares([("a", 10), ("b", 9)], 3)) == {"a": 2, "b": 1}
+    assert fair_shares([("a", 2)], 5) == [("a", 2)] and fair_shares([("a", 2)], 0) == []
+
+
+async def test_one_devices_poison_stream_does_not_push_out_the_others_quarantined_rows(tmp_path: Path) -> None:
+    from edgegw.pipeline.poison import PoisonStore
+    config = config_from_mapping({**BASE, "quarantine": {"max_rows": 5, "max_bytes": 10_000}}, base_dir=tmp_path)
+    assert (config.pipeline.quarantine.max_rows, config.pipeline.quarantine.max_bytes) == (5, 10_000)
+    from edgegw.pipeline.reload import build_pipeline
+    store = await PoisonStore(tmp_path / "q.db").open()
+    build_pipeline(config, store)  # the daemon's path: [quarantine] applies to the store
+    assert (store.max_rows, store.max_bytes) == (5, 10_000)
+    task = asyncio.create_task(store.run())
+    done: list[bool] = []
+
+    async def put(device: str, payload: bytes) -> None:
+        store.put(device, f"devices/{device}/t", payload, 1, None, "pipeline: x", 0.0, done.append)
+        n = len(done) + 1
+        while len(done) < n:
+            await asyncio.sleep(0.005)
+    try:
+        await put("quiet-1", b"q1")
+        await put("quiet-2", b"q2")
+        for i in range(20):
+            await put("noisy", f"n{i}".encode())
+        rows = [(r[1], r[3]) for r in await store.read(None)]
+        assert rows == [("quiet-1", b"q1"), ("quiet-2", b"q2"), ("noisy", b"n17"), ("noisy", b"n18"),
+                        ("noisy", b"n19")]
+        await put("quiet-1", b"B" * 9_990)  # over the byte cap: the fullest by rows (noisy) gives way first
+        rows = [(r[1], r[3][:2]) for r in await store.read(None)]
+        assert ("quiet-2", b"q2") in rows and ("quiet-1", b"BB") in rows and store.evicted >= 17
+        assert done == [True] * 23
+    finally:
+        store.stop()
+        await task
+        await store.close()
+
+
+@pytest.mark.parametrize(("raw", "key"), [({"max_rows": 0}, "quarantine.max_rows"),
+                                          ({"max_bytes": "1M"}, "quarantine.max_bytes"),
+                                          ({"max_size": 1}, "quarantine.max_size")])
+def test_bad_quarantine_caps_name_the_key(raw: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_pipeline({"quarantine": raw}, Path("."))
+    assert info.value.key == key
+
+
+def test_changing_only_the_quarantine_caps_keeps_the_running_pipeline(tmp_path: Path) -> None:
+    from edgegw.pipeline.reload import _same_pipeline
+    tenants = {"tenants": {"source": "registry"}}
+    running = config_from_mapping({**BASE, **tenants}, base_dir=tmp_path)
+    caps = config_from_mapping({**BASE, **tenants, "quarantine": {"max_rows": 10}}, base_dir=tmp_path)
+    other = config_from_mapping({**BASE, "tenants": {"source": "cert-o"}}, base_dir=tmp_path)
+    assert _same_pipeline(running, caps)  # deadband/downsample state survives a cap change
+    assert not _same_pipeline(running, other)

@@ -158,12 +158,14 @@ def test_batch_from_csv_into_bundles_that_mosquitto_pub_uses(
                   "--mqtt-port", str(gw.port))
     assert "20/20" in proc.stderr  # the progress bar
     bundle = tmp_path / "bundles" / "b-007"
-    assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "chain.pem", "coap.sh", "device.crt",
-                                                       "device.key", "mqtt.sh", "settings.json"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["ca.crt", "chain.pem", "coap-dtls.sh", "coap.sh",
+                                                       "device.crt", "device.key", "mqtt.sh", "settings.json"]
     assert oct(bundle.stat().st_mode & 0o777) == "0o700" and oct((bundle / "device.key").stat().st_mode & 0o777) == "0o600"
     settings = json.loads((bundle / "settings.json").read_text())
     assert settings["client_id"] == "b-007" and settings["mqtt_port"] == gw.port
-    assert "coaps+tcp://localhost:5684/ps/devices/b-007/telemetry" in (bundle / "coap.sh").read_text()
+    # CoAP paths are relative to the device's namespace (tests/test_provisioning.py runs these scripts).
+    assert "coaps+tcp://localhost:5684/ps/telemetry" in (bundle / "coap.sh").read_text()
+    assert "coaps://localhost:5684/ps/telemetry" in (bundle / "coap-dtls.sh").read_text()
     shown = json.loads(edgegw("devices", "show", str(d), "b-007", "--json").stdout)
     assert (shown["group"], shown["tenant"], shown["metadata"]) == ("line-1", "acme", {"slot": 7})
 
@@ -186,8 +188,8 @@ def test_batch_from_csv_into_bundles_that_mosquitto_pub_uses(
     with tarfile.open(tar_path) as t:
         names = sorted(t.getnames())
         assert t.getmember("t-1/device.key").mode == 0o600
-    assert names == [f"t-1/{n}" for n in ("ca.crt", "chain.pem", "coap.sh", "device.crt", "device.key", "mqtt.sh",
-                                         "settings.json")]
+    assert names == [f"t-1/{n}" for n in ("ca.crt", "chain.pem", "coap-dtls.sh", "coap.sh", "device.crt",
+                                         "device.key", "mqtt.sh", "settings.json")]
 
 
 def test_batch_checks_the_csv_before_writing(tmp_path: Path) -> None:

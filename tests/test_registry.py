@@ -86,3 +86,20 @@ def test_register_keeps_state_and_updates_fields(tmp_path: Path) -> None:
         assert [d.id for d in reg.devices(group="g2", tenant="t1")] == ["a"]
         with pytest.raises(RegistryError, match="unknown device 'b'"):
             reg.set_state("b", DeviceState.ACTIVE)
+
+
+def test_transaction_groups_writes_into_one_commit_and_rolls_back_as_one(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    with Registry.open(path) as reg:
+        with pytest.raises(RuntimeError), reg.transaction():
+            reg.register("a")
+            reg.register("b", group="g")
+            assert [d.id for d in reg.devices()] == ["a", "b"]  # visible inside, before the commit
+            raise RuntimeError("crash in the middle of a batch")
+        assert reg.devices() == []
+        reg.register("c")
+        with reg.transaction():
+            reg.set_state("c", DeviceState.SUSPENDED, "x")
+            # The gateway's read-only snapshot (another connection) still reads the committed state meanwhile.
+            assert blocked_devices(path) == {}
+        assert blocked_devices(path) == {"c": (DeviceState.SUSPENDED, "x")}

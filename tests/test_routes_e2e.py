@@ -219,6 +219,43 @@ topic = "{prefix}/{device_id}/{rest}"
     assert not any(b"a-" in m.payload for m in sink.snapshot())
 
 
+def test_a_device_without_a_tenant_cannot_publish_into_a_tenants_space(fleet: Fleet, mosquitto: Mosquitto,
+                                                                       gateway_factory: Any, sink_factory: Any,
+                                                                       tmp_path: Path) -> None:
+    """Tenant "dev-07" holds device dev-04; dev-07 itself has no tenant (and no tenants.default). Its publish on
+    devices/dev-07/dev-04/t once went up as cloud/dev-07/dev-04/t: tenant dev-07's device dev-04. It now goes
+    under the reserved level no tenant can have (docs/POLICY.md "Tenants"), by a route or unmatched alike."""
+    registry = tmp_path / "registry.db"
+    with Registry.open(registry) as reg:
+        reg.register("dev-04", tenant="dev-07")
+        reg.register("dev-07")
+    sink = sink_factory(mosquitto, topic="#")
+    gw = start(gateway_factory, mosquitto, """
+[tenants]
+source = "registry"
+
+[[routes]]
+name = "own"
+match = "devices/{device_id}/routed/#"
+topic = "{prefix}/{device_id}/{rest}"
+""", registry={"path": str(registry)})
+    tenanted, untenanted = Device(fleet, gw, "dev-04"), Device(fleet, gw, "dev-07")
+    try:
+        mids = [tenanted.publish("devices/dev-04/t", b"real"),
+                untenanted.publish("devices/dev-07/dev-04/t", b"spoof-unmatched"),
+                untenanted.publish("devices/dev-07/routed/dev-04/t", b"spoof-routed")]
+        wait_until(lambda: mids[0] in tenanted.acks and all(m in untenanted.acks for m in mids[1:]), 10,
+                   what="PUBACKs")
+        messages = sink.wait_for(lambda m: len(m) >= 3, 10)
+    finally:
+        tenanted.close()
+        untenanted.close()
+    got = sorted((m.topic, m.payload) for m in messages)
+    assert got == [("cloud/_untenanted/dev-07/dev-04/t", b"spoof-routed"),
+                   ("cloud/_untenanted/dev-07/dev-04/t", b"spoof-unmatched"),
+                   ("cloud/dev-07/dev-04/t", b"real")]
+
+
 def _device_cert_with_org(fleet: Fleet, folder: Path, device_id: str, org: str) -> ssl.SSLContext:
     """A device certificate with an Organization, signed by the fleet CA (edgegw pki has no O option)."""
     from datetime import UTC, datetime, timedelta
@@ -293,7 +330,55 @@ def test_routed_records_keep_their_trace_spans(fleet: Fleet, mosquitto: Mosquitt
         assert messages[0].topic == "cloud/telemetry/dev-09" and messages[0].user_properties["traceparent"] == TP
         wait_until(lambda: "edgegw.ingress" in {s.name for _, s in _spans(receiver.bodies)
                                                 if s.trace_id == bytes.fromhex(TP[3:35])}, 15, what="ingress span")
+        # The span names the topic the record is published to, not its stored U+0000 form (edgegw/ops/otel.py).
+        ingress = next(s for _, s in _spans(receiver.bodies) if s.name == "edgegw.ingress")
+        attributes = {a.key: a.value.string_value for a in ingress.attributes}
+        assert attributes["messaging.destination.name"] == "cloud/telemetry/dev-09"
     finally:
         device.close()
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_a_quarantine_replay_running_at_stop_is_cancelled_and_awaited(fleet: Fleet, mosquitto: Mosquitto,
+                                                                      gateway_factory: Any,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGUSR1 replay is a task outside the TaskGroup: the stop must end it before the quarantine file and the
+    outbox it uses are closed, never leave it pending. The gateway runs in this process (a real Gateway, real
+    outbox and mosquitto); the replay itself is held at its first step so that it is surely running at stop."""
+    import asyncio
+
+    from edgegw import daemon
+    from edgegw.config import load_config
+
+    gw = gateway_factory(mosquitto)
+    config = load_config(gw.config_path)
+    started = asyncio.Event()
+    seen: list[asyncio.Task[Any]] = []
+
+    async def held_replay(gateway: Any, folder: Path) -> None:
+        seen.append(asyncio.current_task())  # type: ignore[arg-type]
+        started.set()
+        await asyncio.sleep(3600)  # a replay waiting on a commit that will not come before the stop
+
+    monkeypatch.setattr(daemon, "replay_live", held_replay)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        ready = asyncio.Event()
+        gateway = daemon.Gateway(config)
+        run = asyncio.create_task(gateway.run(stop, on_ready=lambda _g: ready.set()))
+        await asyncio.wait_for(ready.wait(), 20)
+        gateway.replay()
+        await asyncio.wait_for(started.wait(), 5)
+        stop.set()
+        await asyncio.wait_for(run, 30)
+        assert seen and seen[0].done() and seen[0].cancelled()  # ended by the stop, not left pending
+        gateway.replay()  # a SIGUSR1 after the stop starts nothing
+        assert len(seen) == 1
+
+    import gc
+    try:
+        asyncio.run(main())
+    finally:
+        gc.unfreeze()  # the gateway froze what its start built (daemon.py): give it back to this test process

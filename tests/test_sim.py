@@ -47,7 +47,8 @@ def batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[Fleet, Path]:
     return Fleet(pki_dir), root / "bundles"
 
 
-def sim(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def sim(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    """A bound for a hang, not a timing check: a 6 s run took over 60 s on a loaded 2-core machine."""
     return subprocess.run([sys.executable, "-m", "edgegw.sim", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
@@ -165,6 +166,40 @@ def test_coap_devices_over_tls(batch: tuple[Fleet, Path], mosquitto: Mosquitto, 
     assert proc.returncode == 2 and "telemetry.topic: CoAP devices publish under" in proc.stderr, proc.stderr
 
 
+def test_dtls_devices(batch: tuple[Fleet, Path], mosquitto: Mosquitto, pki: LabPKI,
+                      gateway: Callable[..., GatewayProcess]) -> None:
+    # CoAP over DTLS (edgegw/sim/dtls_device.py): each device's certificate in its handshake, CON POSTs answered
+    # after the commit; a storm kicks every session, so each reconnects with a new handshake and resends.
+    _, bundles = batch
+    dtls_port = free_port()
+    gw = gateway(coap={"enabled": True, "bind": "127.0.0.1", "port": free_port(), "dtls": True,
+                       "dtls_port": dtls_port, "dtls_handshakes_per_second": 200.0})
+    proc = sim("run", "--certs", str(bundles), "--host", "127.0.0.1", "--port", str(dtls_port), "--transport",
+               "dtls", "--devices", "10", "--seconds", "3", "--interval", "0.1", "--storm-every", "1.5",
+               *sink_flags(mosquitto, pki), "--json", "--quiet")
+    s = summary_of(proc)
+    assert proc.returncode == 0, (s, proc.stderr[-3000:], gw.log()[-3000:])
+    assert s["ever_connected"] == 10 and s["reconnects"] >= 10, s
+    assert s["acknowledged"] == s["sent"] >= 10 * 3 * 10 * 0.6 and s["refused"] == 0, s
+    assert s["sink"]["lost"] == 0 and s["sink"]["devices"] == 10 and s["sink"]["misrouted"] == 0, s["sink"]
+    # The gateway saw certificate identities over DTLS, not over its TLS port.
+    assert {e["device_id"] for e in gw.events("dtls.session_established")} >= {f"sim-{i:03d}" for i in range(10)}
+    # A device whose certificate the gateway's CA did not sign never gets a session: only connect failures.
+    rogue = bundles.parent / "rogue"
+    _edgegw("pki", "init", str(rogue))
+    _edgegw("pki", "issue", str(rogue), "device", "sim-000")
+    scenario = rogue / "rogue.toml"
+    scenario.write_text("[devices]\nconnect_timeout = 2.0\n[run]\nconnect_wait = 3.0\ndrain_timeout = 1.0\n")
+    proc = sim("run", str(scenario), "--certs", str(rogue), "--ca", str(batch[0].ca), "--host", "127.0.0.1",
+               "--port", str(dtls_port), "--transport", "dtls", "--seconds", "1", "--interval", "0.2", "--json",
+               "--quiet")
+    s = summary_of(proc)
+    assert s["ever_connected"] == 0 and s["acknowledged"] == 0 and s["connect_failures"] >= 1, s
+    assert any("handshake" in e for e in s["last_errors"]), s
+    proc = sim("run", "--certs", str(bundles), "--port", str(dtls_port), "--transport", "dtls", "--flood", "1")
+    assert proc.returncode == 2 and "bad_actors: the bad actors speak MQTT only" in proc.stderr, proc.stderr
+
+
 def test_scenario_files_and_bad_input(tmp_path: Path, batch: tuple[Fleet, Path]) -> None:
     for example in sorted((ROOT / "simulators").glob("*.toml")):
         load_scenario(example)  # every shipped example is valid
@@ -201,6 +236,12 @@ def test_identity_layouts(batch: tuple[Fleet, Path], tmp_path: Path) -> None:
         t.add(bundles / "sim-001", arcname="sim-001")
     unpacked = find_identities(tars, unpack_dir=tmp_path / "unpacked")
     assert [i.device_id for i in unpacked] == ["sim-001"] and unpacked[0].key.is_file()
+    # A PKI with an intermediate: the anchor is the self-signed root (the issuing ca.crt alone verifies nothing).
+    inter = tmp_path / "inter"
+    _edgegw("pki", "init", str(inter), "--intermediate")
+    _edgegw("pki", "issue", str(inter), "device", "int-1")
+    found = find_identities(inter)
+    assert [i.device_id for i in found] == ["int-1"] and found[0].ca.name == "root-ca.crt"
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,13 @@ from conftest import Fleet
 from structlog.testing import capture_logs
 
 from edgegw.config import TLSSettings
-from edgegw.identity import describe_handshake_error, identity_from_peercert, server_ssl_context
-from edgegw.mqtt._tls import TLSListener, TLSTransport
+from edgegw.identity import (
+    describe_handshake_error,
+    identity_from_peercert,
+    server_ssl_context,
+)
+from edgegw.mqtt import _read_ahead
+from edgegw.mqtt._tls import TLSListener, TLSTransport, read_ahead
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,8 +183,10 @@ async def test_handshake_failures_are_reported_once_with_a_reason(fleet: Fleet) 
         await asyncio.to_thread(attempt, server.port, expired)
         assert "expired" in await server.failure()
 
+        # The client waits for the gateway's answer (an alert, then the close) before it closes: closing first, as
+        # a 5 s timeout did on a loaded machine, makes the gateway see a reset instead of the bytes it must refuse.
         def plain_text() -> None:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
                 sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
                 with contextlib.suppress(OSError):
                     sock.recv(1024)
@@ -187,7 +195,7 @@ async def test_handshake_failures_are_reported_once_with_a_reason(fleet: Fleet) 
         assert await server.failure() == "TLS error: HTTP_REQUEST"
 
         def garbage() -> None:
-            with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock:
                 sock.sendall(os.urandom(64))
                 with contextlib.suppress(OSError):
                     sock.recv(1024)
@@ -511,3 +519,68 @@ async def test_listener_binds_every_address_of_the_host(fleet: Fleet) -> None:
         assert len(accepted) == len(infos)
     finally:
         listener.close()
+
+
+# --- read-ahead (a private CPython layout: only where verified, and checked before use) --------------------------
+
+
+async def test_read_ahead_is_on_where_the_layout_was_verified(fleet: Fleet) -> None:
+    # Where tests/test_tls_read_batching.py measures it.
+    assert ("cpython", (3, 11)) in _read_ahead._VERIFIED_LAYOUTS
+    async with serving(server_context(fleet)) as server:
+        client = await asyncio.to_thread(tls_client, server.port, fleet.device_context("dev-01"))
+        try:
+            transport, exc = await server.outcome()
+            assert exc is None
+            here = (sys.implementation.name, sys.version_info[:2])
+            assert transport.read_ahead is (here in _read_ahead._VERIFIED_LAYOUTS), here
+        finally:
+            client.close()
+
+
+async def test_without_read_ahead_the_transport_works_the_same(fleet: Fleet,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safe path, as on an interpreter whose layout nobody checked: the ``SSL *`` is never read; many small
+    records and a large payload still cross intact both ways."""
+    monkeypatch.setattr(_read_ahead, "_VERIFIED_LAYOUTS", frozenset({("cpython", (3, 99))}))
+    small = [bytes([i % 256]) * 100 for i in range(300)]  # one TLS record each, as a device's PUBLISHes
+    large = pattern(1024 * 1024)
+    async with serving(server_context(fleet)) as server:
+        server.setup = lambda peer: setattr(peer, "on_data", lambda p, data: p.transport.write(data))
+
+        def exchange() -> bytes:
+            with tls_client(server.port, fleet.device_context("dev-02")) as sock:
+                for chunk in small:
+                    sock.sendall(chunk)
+                sock.sendall(large)
+                return recv_exactly(sock, 30000 + len(large))
+
+        echoed = await asyncio.to_thread(exchange)
+        transport, exc = await server.outcome()
+        assert exc is None and transport.read_ahead is False
+        assert echoed == b"".join(small) + large
+        assert bytes(server.peers[0].data) == echoed
+
+
+async def test_read_ahead_refuses_an_ssl_object_that_is_not_the_sockets_own(fleet: Fleet) -> None:
+    """The layout check: the field before the ``SSL *`` must be, by address, the weak reference ``_ssl`` keeps to
+    this very socket. An ``_SSLSocket`` of another socket (what a shifted layout would look like) is refused
+    before any pointer is followed, even though its options match the context's."""
+    context = server_context(fleet)
+    a, a_peer = socket.socketpair()
+    b, b_peer = socket.socketpair()
+    first = context.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+    second = context.wrap_socket(b, server_side=True, do_handshake_on_connect=False)
+    own = first._sslobj  # type: ignore[attr-defined]
+    try:
+        first._sslobj = second._sslobj  # type: ignore[attr-defined]
+        assert read_ahead(first) is False
+        first._sslobj = own  # type: ignore[attr-defined]
+        here = (sys.implementation.name, sys.version_info[:2])
+        assert read_ahead(first) is (here in _read_ahead._VERIFIED_LAYOUTS)
+        first._sslobj = None  # type: ignore[attr-defined]  # closed: nothing to read
+        assert read_ahead(first) is False
+    finally:
+        first._sslobj = own  # type: ignore[attr-defined]
+        for s in (first, second, a_peer, b_peer):
+            s.close()

@@ -82,3 +82,25 @@ async def test_frames_carry_every_record_with_its_id_and_cost_fewer_bytes(
           + ", ".join(f"{k} {v:.1f}" for k, v in per_record.items()))
     assert per_record["none"] < 0.7 * per_record["single"]
     assert per_record["zlib"] < per_record["none"]
+
+
+async def test_linger_lets_a_trickle_of_live_records_share_frames(
+        mosquitto: Mosquitto, sink_factory: Callable[..., Sink], pki: LabPKI, outbox: Outbox) -> None:
+    import asyncio
+
+    sink = sink_factory(mosquitto, topic="edgegw/#", client_id="sink-linger")
+    settings = uplink_settings(mosquitto, pki, batch_max_records=100, batch_linger_ms=400.0)
+    uplink = make_uplink(settings, outbox)
+    n = 30
+    async with running(uplink):
+        await eventually(lambda: uplink.connected, 10, "uplink connected")
+        sent = []
+        for i in range(n):  # one record every 20 ms: without a linger, nearly every one would leave alone
+            sent.append(outbox.submit("lg-1", "devices/lg-1/telemetry", b'{"seq":%d}' % i, 1))
+            await asyncio.sleep(0.02)
+        await eventually(lambda: outbox.depth == 0, 15, "lingered frames acknowledged")
+        messages = await sink.until(lambda m: sum(int(x.user_properties["edgegw-records"]) for x in m) >= n, 10)
+    got = unpack(messages)
+    assert [r["id"] for r in got] == [r.id for r in sent], "a record missing, duplicated or out of order"
+    # ~600 ms of records with a 400 ms linger: a handful of frames (a loaded machine can only make them fuller).
+    assert uplink.frames_sent <= n // 5, f"{uplink.frames_sent} frames for {n} records"

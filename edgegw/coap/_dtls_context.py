@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from OpenSSL._util import lib as _lib
 from edgegw.config import TLSSettings
 from edgegw.errors import ConfigError
 from edgegw.identity import DeviceIdentity
+from edgegw.registry.reload import load_crls
 
 DTLS1_2_VERSION = 0xFEFD  # OpenSSL's constant; pyOpenSSL does not export it
 
@@ -114,7 +115,7 @@ def build_context(material: DTLSMaterial, *, verify: VerifyCallback, cookie_gene
     if material.crl is not None:
         store = ctx.get_cert_store()
         assert store is not None
-        for crl in _load_crls(material.crl):
+        for crl in load_crls(material.crl, material.ca):  # the same checks as the MQTT listener's
             store.add_crl(crl)
         # Leaf only, as the MQTT listener (ssl.VERIFY_CRL_CHECK_LEAF): the device's own certificate at each handshake.
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
@@ -138,35 +139,13 @@ def _enable_psk(ctx: SSL.Context, lookup: PSKLookup) -> None:
                 return 0
             _ffi.memmove(out, key, len(key))
             return len(key)
-        except Exception:  # an exception must not cross into OpenSSL: refuse instead
+        except Exception:  # noqa: BLE001 - an exception must not cross into OpenSSL: refuse instead
             return 0
 
     handle = _ffi.callback("unsigned int (*)(SSL *, const char *, unsigned char *, unsigned int)", callback)
     ctx._edgegw_psk_callback = handle  # type: ignore[attr-defined]  # keeps the cffi callback alive
     _lib.SSL_CTX_set_psk_server_callback(ctx._context, handle)
     ctx.set_cipher_list(PSK_CIPHERS)
-
-
-def _load_crls(path: Path) -> list[x509.CertificateRevocationList]:
-    marker = b"-----BEGIN X509 CRL-----"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("tls.crl", f"cannot read {path}: {exc}") from None
-    blocks = [marker + part for part in data.split(marker)[1:]]
-    if not blocks:
-        raise ConfigError("tls.crl", f"{path} holds no PEM CRL")
-    try:
-        crls = [x509.load_pem_x509_crl(block) for block in blocks]
-    except ValueError as exc:
-        raise ConfigError("tls.crl", f"{path} is not a PEM CRL: {exc}") from None
-    now = datetime.now(UTC)
-    for crl in crls:
-        # An expired CRL makes OpenSSL refuse every device: refuse the CRL instead (as edgegw/registry/reload.py).
-        if crl.next_update_utc is not None and crl.next_update_utc <= now:
-            raise ConfigError("tls.crl", f"{path} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC "
-                                         "(every device would be refused): run `edgegw pki crl DIR`")
-    return crls
 
 
 def _first(exc: SSL.Error) -> str:

@@ -21,6 +21,8 @@ from edgegw.identity import DeviceIdentity
 
 class _Owner(Protocol):
     hostinfo_local: str
+    limits: DTLSLimits
+    inflight: int
 
     def _send_app(self, session: Session, data: bytes) -> None: ...
 
@@ -56,12 +58,16 @@ class DTLSLimits:
     exchange_lifetime: float = 30.0
     """Seconds aiocoap remembers a message id for deduplication (RFC 7252: 247 s, ~2.3 KB per message: GBs under
     load, BRIEF §2); a retransmission arriving later than that is taken as new."""
+    max_inflight: int = 32
+    """Requests of one session awaiting their commit; past it the session's new requests are dropped unread (the
+    device retransmits its CON). The ``coap.max_inflight`` of coaps+tcp connections."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if not value > 0:
-                raise ConfigError(f"coap.dtls_{f.name}", f"must be > 0, got {value!r}")
+                key = "coap.max_inflight" if f.name == "max_inflight" else f"coap.dtls_{f.name}"
+                raise ConfigError(key, f"must be > 0, got {value!r}")
         if not 256 <= self.mtu <= 65507:
             raise ConfigError("coap.dtls_mtu", f"must be 256..65507 (a UDP payload), got {self.mtu}")
 
@@ -84,6 +90,8 @@ class DTLSStats:
     sessions_replaced: int = 0
     malformed_coap: int = 0
     record_errors: int = 0
+    requests_dropped_busy: int = 0
+    """Requests dropped unread: their session over ``max_inflight``, the outbox congested, or the gateway draining."""
 
 
 def identity_of(remote: object) -> DeviceIdentity | None:
@@ -106,6 +114,10 @@ class DTLSRemote(interfaces.EndpointAddress):
         self.address = session.peer
         self.peer = f"{session.peer[0]}:{session.peer[1]}"  # for log lines, as a coaps+tcp connection's ``peer``
         self.device_identity = identity
+        self.inflight = 0
+        """Requests of this session awaiting their commit (counted by the site, as on a coaps+tcp connection)."""
+        self.paused = False
+        """While set, the server drops this session's new requests unread (UDP has no "stop reading")."""
 
     def __repr__(self) -> str:
         return f"<DTLSRemote {self.hostinfo} {self.device_identity.device_id}>"
@@ -136,6 +148,28 @@ class DTLSRemote(interfaces.EndpointAddress):
 
     def send(self, data: bytes) -> None:
         self._server._send_app(self._session, data)
+
+    # --- flow control, called by the site exactly as on a coaps+tcp DeviceConnection -------------------------
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        self._server.inflight += 1
+        if self.inflight >= self._server.limits.max_inflight:
+            self.paused = True
+
+    def request_done(self) -> None:
+        self.inflight -= 1
+        self._server.inflight -= 1
+        if self.paused and self.inflight <= self._server.limits.max_inflight // 2:
+            self.resume()
+
+    def pause(self) -> None:
+        """The outbox is congested (the site calls :meth:`resume` through ``outbox.when_decongested``)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.inflight < self._server.limits.max_inflight:
+            self.paused = False
 
 
 class Session:

@@ -47,9 +47,12 @@ a refused ClientHello gets no answer and the client retries), ``handshake_timeou
 ACKs of confirmable notifications, or a CoAP ping), ``rcvbuf`` 4 MiB (SO_RCVBUFFORCE, else SO_RCVBUF; the
 effective size is logged, a cap by net.core.rmem_max is a warning), ``mtu`` 1400 (the largest datagram we send;
 handshake flights are fragmented to it), ``cookie_rotation`` 60 s, ``exchange_lifetime`` 30 s (aiocoap's
-message-id memory; RFC 7252's 247 s costs ~2.3 KB per request for 4 minutes). Memory: sessions <= max_sessions,
-each one SSL object whose BIOs are drained at every datagram (measured ~80 KB of RSS per established session with
-P-256 certificates: the default cap bounds them near 80 MB); nothing else is kept per peer. Half-open handshakes
+message-id memory; RFC 7252's 247 s costs ~2.3 KB per request for 4 minutes), ``max_inflight`` 32
+(``coap.max_inflight``: requests of one session awaiting their commit; past it, while the outbox is congested or
+once :meth:`DTLSServer.stop_reading` ran, that session's new requests are dropped unread and the device retransmits
+its CON; counted in ``requests_dropped_busy``). Memory: sessions <= max_sessions, each one SSL object whose BIOs
+are drained at every datagram (measured ~80 KB of RSS per established session with P-256 certificates: the default
+cap bounds them near 80 MB); nothing else is kept per peer. Half-open handshakes
 (a peer that answered the cookie but has no valid certificate) hold a slot for at most ``handshake_timeout``, so
 they take at most ``handshakes_per_second`` x ``handshake_timeout`` slots (500 of the 1000 by default).
 Counters: :class:`DTLSStats` (``server.stats``); ``server.sessions``, ``server.rcvbuf`` (as the kernel reports it).
@@ -121,6 +124,11 @@ class DTLSServer(asyncio.DatagramProtocol):
         self.rcvbuf = 0
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._unflushed: dict[tuple[Any, ...], Session] = {}
+        """Sessions with application records written since the last flush (see :meth:`_send_app`)."""
+        self._draining = False
+        self.inflight = 0
+        """Requests of all sessions awaiting their commit (kept by :class:`DTLSRemote`); the drain waits for it."""
 
     # --- material -----------------------------------------------------------------------------------------
 
@@ -190,6 +198,9 @@ class DTLSServer(asyncio.DatagramProtocol):
     # --- new peers: cookie first, state after -------------------------------------------------------------
 
     def _new_peer(self, data: bytes, addr: tuple[Any, ...], old: Session | None) -> None:
+        if self._draining and not self._closed:
+            log.debug("dtls.datagram_dropped", peer=f"{addr[0]}:{addr[1]}", reason="gateway draining")
+            return
         if self._closed or not is_client_hello(data):
             self.stats.dropped_junk += 1
             log.debug("dtls.datagram_dropped", peer=f"{addr[0]}:{addr[1]}", size=len(data),
@@ -392,13 +403,21 @@ class DTLSServer(asyncio.DatagramProtocol):
 
     def _deliver(self, session: Session, plaintext: bytes) -> None:
         mman = self._mman
-        if mman is None or session.remote is None:
+        remote = session.remote
+        if mman is None or remote is None:
             return
         try:
-            message = Message.decode(plaintext, remote=session.remote)
+            message = Message.decode(plaintext, remote=remote)
         except coap_error.UnparsableMessage:
             self.stats.malformed_coap += 1
             log.debug("dtls.coap_malformed", peer=_peer(session), size=len(plaintext))
+            return
+        if (remote.paused or self._draining) and message.code.is_request():
+            # Flow control (docs/COAP.md "Limits"): UDP cannot stop reading one peer, so a session over max_inflight,
+            # while the outbox is congested or the gateway drains, loses its new requests before aiocoap sees them
+            # (no exchange, no message-id memory). The device retransmits its CON (RFC 7252 §4.2 backoff), which
+            # gets through once the commits caught up; ACKs, RSTs and pings still pass.
+            self.stats.requests_dropped_busy += 1
             return
         message.transport_tuning = self._tuning
         mman.dispatch_message(message)
@@ -411,7 +430,18 @@ class DTLSServer(asyncio.DatagramProtocol):
         except SSL.Error as exc:  # e.g. a message larger than a record: lose it, keep the session
             self.stats.record_errors += 1
             log.warning("dtls.send_failed", peer=_peer(session), size=len(data), reason=_reason(exc))
-        self._flush(session)
+        # The answers one group commit releases go out together: one drain and one sendto per session and loop
+        # iteration (several records in a datagram, RFC 6347 §4.1.1) instead of one each (most of a DTLS answer's
+        # cost, measured: docs/COAP.md "Performance").
+        if not self._unflushed:
+            self._loop.call_soon(self._flush_sent)
+        self._unflushed[session.peer] = session
+
+    def _flush_sent(self) -> None:
+        sessions, self._unflushed = self._unflushed, {}
+        for session in sessions.values():
+            if self._sessions.get(session.peer) is session:
+                self._flush(session)
 
     # --- I/O and teardown ---------------------------------------------------------------------------------
 
@@ -451,14 +481,39 @@ class DTLSServer(asyncio.DatagramProtocol):
             await asyncio.sleep(interval)
             now = self._loop.time()
             for session in list(self._sessions.values()):
-                if not session.established and now - session.created > self.limits.handshake_timeout:
-                    self.stats.handshake_timeouts += 1
-                    self._fail(session, f"handshake timed out after {self.limits.handshake_timeout} s")
-                elif session.established and now - session.last_seen > self.limits.idle_timeout:
-                    self.stats.sessions_expired += 1
-                    log.info("dtls.session_expired", peer=_peer(session),
-                             device_id=session.identity.device_id if session.identity else None)
-                    self._drop(session, "idle", notify=True)
+                try:
+                    self._sweep_one(session, now)
+                except Exception as exc:
+                    # One teardown that raises (OpenSSL, aiocoap's dispatch_error) must not end the sweep: without
+                    # it no handshake times out and no session expires, and dtls_max_sessions fills for good.
+                    log.exception("dtls.sweep_failed", peer=_peer(session), error=repr(exc))
+                    if self._sessions.get(session.peer) is session:  # its slot is freed even so
+                        del self._sessions[session.peer]
+                        self.stats.sessions = len(self._sessions)
+
+    def _sweep_one(self, session: Session, now: float) -> None:
+        if not session.established and now - session.created > self.limits.handshake_timeout:
+            self.stats.handshake_timeouts += 1
+            self._fail(session, f"handshake timed out after {self.limits.handshake_timeout} s")
+        elif session.established and now - session.last_seen > self.limits.idle_timeout:
+            self.stats.sessions_expired += 1
+            log.info("dtls.session_expired", peer=_peer(session),
+                     device_id=session.identity.device_id if session.identity else None)
+            self._drop(session, "idle", notify=True)
+
+    @property
+    def queued(self) -> int:
+        """Our confirmable messages not sent at all yet: aiocoap sends one CON per remote at a time (NSTART = 1), so
+        the separate 2.01s released by one commit go out one per ACK of the device. The drain waits for them too
+        (private aiocoap state, pinned: ``MessageManager._backlogs``)."""
+        mman = self._mman
+        backlogs = getattr(mman, "_backlogs", None) or {}
+        return sum(len(queue) for queue in backlogs.values())
+
+    def stop_reading(self) -> None:
+        """The gateway drains: no new handshakes and no new requests from here on; requests awaiting their commit
+        (:attr:`inflight`) are still answered, and the devices' ACKs still pass."""
+        self._draining = True
 
     def detach(self) -> None:
         """aiocoap's message layer is shutting down: stop handing it messages and errors."""
@@ -531,11 +586,14 @@ def _udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
 async def start_dtls_server(context: Any, *, host: str, port: int, material: DTLSMaterial,
                             limits: DTLSLimits | None = None, authorize: Authorize = lambda identity: None,
                             message_manager: Callable[[TokenManager], MessageManager] = MessageManager,
-                            psk_keys: PSKKeys | None = None) -> DTLSServer:
+                            psk_keys: PSKKeys | None = None,
+                            token_manager: Callable[[Any], TokenManager] = TokenManager) -> DTLSServer:
     """Listen for coaps:// on ``host:port`` and serve it with ``context``'s site (an ``aiocoap.Context``).
 
     ``message_manager`` builds aiocoap's message layer above the transport (a subclass may count or tune).
     ``psk_keys`` (PSK identity -> key, or None) turns on DTLS-PSK next to certificates; None (default): PSK off.
+    ``token_manager`` builds aiocoap's token layer (edgegw's server passes its publish fast path,
+    :class:`edgegw.coap._fastpath.PublishTokenManager`).
 
     Raises ConfigError (a ``tls.*`` file does not load) or OSError (the port is taken).
     """
@@ -551,7 +609,7 @@ async def start_dtls_server(context: Any, *, host: str, port: int, material: DTL
     bound = server.address
     server.hostinfo_local = str(hostportjoin(bound[0], bound[1]))
     # The same layering aiocoap builds for its own UDP transports (Context._append_tokenmanaged_...).
-    tman = TokenManager(context)
+    tman = token_manager(context)
     mman = message_manager(tman)
     mman.message_interface = MessageInterface(server)
     tman.token_interface = mman

@@ -38,6 +38,7 @@ from edgegw.mqtt.packets import NO_PROPERTIES, Properties, PropertyId
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 
+from ._fastpath import PublishTokenManager
 from .site import Admit, CoAPStats, PipelineOf, PubSubSite, always_admit
 from .tls_listener import TLSListener, TLSListenerStats
 
@@ -127,13 +128,13 @@ class CoAPServer:
         """Add a token interface (a transport without message layer: TCP, TLS; or one built on a
         MessageManager by the caller) to this Context, serving the same site."""
         assert self.context is not None
-        tman = TokenManager(self.context)
+        tman = PublishTokenManager(self.context, self.site)
         tman.token_interface = await make(tman)
         self.context.request_interfaces.append(tman)
 
     async def _start_lab(self, context: Context) -> None:
         settings = self.settings
-        tman = TokenManager(context)
+        tman = PublishTokenManager(context, self.site)
         mman = _LabMessageManager(tman, settings.exchange_lifetime)
         interface = await MessageInterfaceUDP6.create_server_transport_endpoint(
             mman, log=context.log, loop=asyncio.get_running_loop(), bind=(settings.lab_bind, settings.lab_port),
@@ -158,11 +159,13 @@ class CoAPServer:
                             handshakes_per_second=settings.dtls_handshakes_per_second,
                             handshake_burst=max(1, int(settings.dtls_handshakes_per_second)),
                             handshake_timeout=settings.handshake_timeout, idle_timeout=settings.dtls_idle_timeout,
-                            rcvbuf=settings.receive_buffer, exchange_lifetime=settings.exchange_lifetime)
+                            rcvbuf=settings.receive_buffer, exchange_lifetime=settings.exchange_lifetime,
+                            max_inflight=settings.max_inflight)
         # authorize through self: Credentials.attach sets the authorizer after construction, reloads keep it.
         self.dtls = await start_dtls_server(context, host=settings.bind, port=settings.dtls_port,
                                             material=DTLSMaterial.from_tls(self.tls), limits=limits,
-                                            authorize=self._authorize)
+                                            authorize=self._authorize,
+                                            token_manager=lambda ctx: PublishTokenManager(ctx, self.site))
 
     def _authorize(self, identity: DeviceIdentity) -> str | None:
         return self._authorizer(identity) if self._authorizer is not None else None
@@ -212,19 +215,34 @@ class CoAPServer:
         if self.listener is not None:
             self.listener.stop_accepting()
 
+    @property
+    def inflight(self) -> int:
+        """Reliable requests awaiting their commit: coaps+tcp connections and DTLS sessions."""
+        return ((self.listener.inflight if self.listener is not None else 0)
+                + (self.dtls.inflight if self.dtls is not None else 0))
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, stop reading, wait (bounded) until requests awaiting their commit are answered, then
         close everything. The outbox writer must still be running while this waits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         listener = self.listener
         if listener is not None:
             listener.stop_accepting()
             listener.pause_all()
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
-            while listener.inflight and loop.time() < deadline:
-                await asyncio.sleep(0.01)
+        if self.dtls is not None:
+            self.dtls.stop_reading()  # UDP: new handshakes and requests are dropped; the devices' ACKs still pass
+        # DTLS publishes too: closing their sessions before the commit answers them means a resend, a duplicate.
+        # A DTLS answer may also still be queued behind another one the device has not ACKed yet (NSTART = 1).
+        while (self.inflight or (self.dtls is not None and self.dtls.queued)) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
         if self.context is not None:
-            await self.context.shutdown()
+            # aiocoap's shutdown closes every transport; bounded, so one that hangs cannot hold the stop past the
+            # drain budget (whatever is still open is closed with the process).
+            try:
+                await asyncio.wait_for(self.context.shutdown(), max(0.5, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("coap.shutdown_timeout", timeout=timeout, inflight=self.inflight)
         log.info("coap.stopped", published=self.site.stats.published, refused=self.site.stats.refused)
 
 

@@ -10,8 +10,10 @@
 The device id is the verified identity of the request's remote: ``remote.device_identity`` (set by the coaps+tcp
 listener, and by the DTLS transport, :mod:`edgegw.coap.dtls`); on the lab UDP listener only, the ``c=`` query.
 
-Per request: one aiocoap task (aiocoap's own, for every request) and, for a reliable request, one future resolved
-by the outbox's ``on_commit``; ``outbox.submit`` itself is synchronous (no await on SQLite). Refusals are logged
+Per publish (:meth:`PubSubSite.publish_now`, called by :class:`edgegw.coap._fastpath.PublishTokenManager` before
+aiocoap makes a Pipe and a task): no task, no future; ``outbox.submit`` is synchronous (no await on SQLite) and its
+``on_commit`` sends the 2.01/2.04. Other requests (GET+Observe, discovery) take aiocoap's path: a task each, through
+:meth:`PubSubSite.render_to_pipe`. Refusals are logged
 (``coap.request_refused``, rate-limited per event name by :mod:`edgegw.logs`); successes only at debug.
 """
 
@@ -46,6 +48,10 @@ Admit = Callable[[str, int], float]
 
 Authorizer = Callable[[DeviceIdentity], "str | None"]
 
+Answer = Callable[[Message, Message], None]
+"""``answer(request, response)``: sends ``response`` to ``request`` through aiocoap's token interface (set by
+:class:`edgegw.coap._fastpath.PublishTokenManager`)."""
+
 PipelineOf = Callable[[], Any]
 """Returns the running :class:`edgegw.pipeline.engine.Pipeline` (routes, transforms, tenants), or None: records
 stored as sent. A callable, so the pipeline the MQTT listener gets on reload is the one CoAP uses too."""
@@ -65,6 +71,8 @@ Content Type). A request without Content-Format is stored without ``ct``."""
 _FORMAT_OF = {mime: fmt for fmt, mime in CONTENT_TYPES.items()}
 
 _OBSERVE_MAX = (1 << 24) - 1
+_ACL_MEMO = 4096
+_ACL_MEMO_TOPIC = 256
 _BAD_LEVEL = ("+", "#", "")
 
 
@@ -93,6 +101,17 @@ class Refused(Exception):
         self.size1 = size1
 
 
+@dataclass(frozen=True, slots=True)
+class _Publish:
+    """A publish that passed its checks: what is stored, and what its answer and log lines need."""
+    device_id: str
+    topic: str
+    payload: bytes
+    tp: str
+    record_props: bytes
+    reliable: bool
+
+
 @dataclass(slots=True, eq=False)
 class _Observation:
     device_id: str
@@ -110,14 +129,40 @@ class PubSubSite(interfaces.Resource):
         super().__init__()
         self.settings = settings
         self.outbox = outbox
-        self.acl = acl
+        self._acl = acl
+        self._may_publish: dict[tuple[str, str], bool] = {}
         self.admit = admit
         self.authorizer = authorizer
         """For remotes without a connection-level verdict (DTLS, lab): registry/CRL check per request."""
         self.is_lab = is_lab
         self.pipeline = pipeline
+        self.seen: Callable[[str, Any], None] | None = None
+        """Set by the daemon: notes the remote's certificate (tenant/tier from O, OU...) before the limiter asks."""
         self.stats = CoAPStats()
         self.observers: dict[str, list[_Observation]] = {}
+
+    @property
+    def acl(self) -> ACL:
+        return self._acl
+
+    @acl.setter
+    def acl(self, acl: ACL) -> None:  # a reload: the verdicts of the old rules go with them
+        self._acl = acl
+        self._may_publish = {}
+
+    def _publish_allowed(self, device_id: str, topic: str) -> bool:
+        """``acl.may_publish``, remembered: a device publishes to the same few topics again and again, and the
+        pattern walk was the largest single cost of a DTLS publish (docs/COAP.md "Performance"). Bounded: at most
+        ``_ACL_MEMO`` verdicts for topics of at most ``_ACL_MEMO_TOPIC`` characters; emptied when full."""
+        key = (device_id, topic)
+        verdict = self._may_publish.get(key)
+        if verdict is None:
+            verdict = self._acl.may_publish(device_id, topic)
+            if len(topic) <= _ACL_MEMO_TOPIC:
+                if len(self._may_publish) >= _ACL_MEMO:
+                    self._may_publish = {}
+                self._may_publish[key] = verdict
+        return verdict
 
     # aiocoap's abstract methods; render_to_pipe below replaces their use.
     async def render(self, request: Message) -> Message:  # pragma: no cover - never called
@@ -170,7 +215,7 @@ class PubSubSite(interfaces.Resource):
                 raise Refused(Code.UNAUTHORIZED, "lab listener: no c={device_id} query")
             raise Refused(Code.UNAUTHORIZED, "no verified client certificate")
         refused = getattr(remote, "refused", None)
-        if refused is None and self.authorizer is not None and not hasattr(remote, "request_started"):
+        if refused is None and self.authorizer is not None and not hasattr(remote, "refused"):
             refused = self.authorizer(identity)  # DTLS remotes: no connection-level verdict of ours
         if refused is not None:
             raise Refused(Code.FORBIDDEN, refused)
@@ -211,9 +256,10 @@ class PubSubSite(interfaces.Resource):
             raise Refused(Code.BAD_REQUEST, "topic too long")
         return topic
 
-    async def _publish(self, request: Message, device_id: str, levels: tuple[str, ...]) -> Message:
+    def _check(self, request: Message, device_id: str, levels: tuple[str, ...]) -> _Publish:
+        """Everything a publish must pass before it is stored (ACL, format, size, rate limit); Refused otherwise."""
         topic = self._topic(device_id, levels, is_filter=False)
-        if not self.acl.may_publish(device_id, topic):
+        if not self._publish_allowed(device_id, topic):
             raise Refused(Code.FORBIDDEN, f"publish to {topic!r} not allowed")
         fmt = request.opt.content_format
         mime = None
@@ -228,6 +274,8 @@ class PubSubSite(interfaces.Resource):
         if len(payload) > self.settings.max_payload:
             raise Refused(Code.REQUEST_ENTITY_TOO_LARGE, f"payload over {self.settings.max_payload} bytes",
                           size1=self.settings.max_payload)
+        if self.seen is not None:
+            self.seen(device_id, request.remote)
         wait = self.admit(device_id, len(payload))
         if wait > 0:
             self.stats.rate_limited += 1
@@ -237,26 +285,25 @@ class PubSubSite(interfaces.Resource):
             tp = from_payload(payload)
         if tp is None:
             tp = new_traceparent()
-        props: dict[str, str] = {"tp": tp} if mime is None else {"ct": mime, "tp": tp}
-        record_props = msgpack.packb(props)
         # Reliable: TCP/TLS always (RFC 8323 has no NON), a CON over UDP. NON: best-effort, answered at once.
-        reliable = request.mtype is not Type.NON
-        done: asyncio.Future[bool] | None = None
-        on_commit = None
-        if reliable:
-            done = asyncio.get_running_loop().create_future()
-            on_commit = _resolver(done)
+        return _Publish(device_id, topic, payload, tp, msgpack.packb({"tp": tp} if mime is None else
+                                                                      {"ct": mime, "tp": tp}),
+                        request.mtype is not Type.NON)
+
+    def _store(self, request: Message, pub: _Publish, on_commit: Callable[[bool], None] | None) -> None:
+        """``outbox.submit`` (or the pipeline's), synchronous; a full or closing outbox is Refused 4.29 / 5.03."""
         try:
             pipeline = self.pipeline()
+            qos = 1 if pub.reliable else 0
             if pipeline is None:
-                self.outbox.submit(device_id, topic, payload, 1 if reliable else 0, on_commit, record_props)
+                self.outbox.submit(pub.device_id, pub.topic, pub.payload, qos, on_commit, pub.record_props)
             else:  # 0..n records (routes, transforms), quarantine for poison messages; on_commit once for all
                 remote = request.remote
                 identity = getattr(remote, "device_identity", None)
-                tenant = pipeline.tenants.tenant(device_id, identity.serial if identity else "",
+                tenant = pipeline.tenants.tenant(pub.device_id, identity.serial if identity else "",
                                                  lambda: _peercert(remote))
-                pipeline.submit(self.outbox, device_id, tenant, topic, payload, 1 if reliable else 0, on_commit,
-                                record_props)
+                pipeline.submit(self.outbox, pub.device_id, tenant, pub.topic, pub.payload, qos, on_commit,
+                                pub.record_props)
         except OutboxFull as exc:
             self.stats.outbox_full += 1
             code = Code.TOO_MANY_REQUESTS if exc.reason == "device_share" else Code.SERVICE_UNAVAILABLE
@@ -265,26 +312,93 @@ class PubSubSite(interfaces.Resource):
             self.stats.outbox_full += 1
             raise Refused(Code.SERVICE_UNAVAILABLE, f"not stored: {exc}"[:120],
                           max_age=self.settings.full_max_age) from None
-        if done is not None:
-            # Flow control of a coaps+tcp connection: past max_inflight requests awaiting their commit, or while
-            # the outbox is congested, the connection is not read (as the MQTT listener does).
-            conn = request.remote if hasattr(request.remote, "request_started") else None
-            if conn is not None:
-                conn.request_started()
-                if self.outbox.congested:
-                    conn.pause()
-                    self.outbox.when_decongested(conn.resume)
-            try:
-                ok = await done
-            finally:
-                if conn is not None:
-                    conn.request_done()
-            if not ok:
-                self.stats.commit_failed += 1
-                log.error("coap.commit_failed", device_id=device_id, topic=topic, trace_id=tp[3:35])
-                return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"not stored: outbox commit failed")
+
+    def _flow(self, request: Message) -> Any:
+        """The coaps+tcp connection or DTLS session (its DTLSRemote) of a reliable request, counted as awaiting its
+        commit (None over plain UDP). Flow control: past max_inflight requests awaiting their commit, or while the
+        outbox is congested, it is not read (as the MQTT listener does; DTLS drops its new requests)."""
+        conn = request.remote if hasattr(request.remote, "request_started") else None
+        if conn is not None:
+            conn.request_started()
+        return conn
+
+    def _congested(self, conn: Any) -> None:
+        if conn is not None and self.outbox.congested:
+            conn.pause()
+            self.outbox.when_decongested(conn.resume)
+
+    def _answer_of(self, request: Message, pub: _Publish, ok: bool) -> Message:
+        if not ok:
+            self.stats.commit_failed += 1
+            log.error("coap.commit_failed", device_id=pub.device_id, topic=pub.topic, trace_id=pub.tp[3:35])
+            return Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"not stored: outbox commit failed")
         self.stats.published += 1
         return Message(code=Code.CREATED if request.code == Code.POST else Code.CHANGED)
+
+    async def _publish(self, request: Message, device_id: str, levels: tuple[str, ...]) -> Message:
+        """The publish as an aiocoap render (a request that did not take :meth:`publish_now`)."""
+        pub = self._check(request, device_id, levels)
+        if not pub.reliable:
+            self._store(request, pub, None)
+            return self._answer_of(request, pub, True)
+        done = asyncio.get_running_loop().create_future()
+        conn = self._flow(request)
+        try:
+            self._store(request, pub, _resolver(done))
+            self._congested(conn)
+            ok = await done
+        finally:
+            if conn is not None:
+                conn.request_done()
+        return self._answer_of(request, pub, ok)
+
+    # --- publish without a task: the hot path ---------------------------------------------------------------------
+
+    def publish_now(self, request: Message, answer: Answer) -> bool:
+        """Serve a POST/PUT /ps/... now: checked and stored synchronously, answered through ``answer(request,
+        response)`` from the outbox's ``on_commit`` (at once for a NON). False for any other request, which aiocoap
+        then renders through :meth:`render_to_pipe`.
+
+        Why: before a site sees a request aiocoap spends two Pipes, a task, a coroutine and a repr of the request on
+        it, and the publish a future; none is needed for an answer that a callback can send (docs/COAP.md
+        "Performance"). Same checks, same order, same answers as the rendered path."""
+        code = request.code
+        if code is not Code.POST and code is not Code.PUT:
+            return False
+        path = request.opt.uri_path
+        if not path or path[0] != "ps":
+            return False
+        self.stats.requests += 1
+        remote = request.remote
+        try:
+            pub = self._check(request, self._device_id(request), path[1:])
+            if not pub.reliable:
+                self._store(request, pub, None)
+                answer(request, self._answer_of(request, pub, True))
+                return True
+            conn = self._flow(request)
+
+            def on_commit(ok: bool) -> None:
+                if conn is not None:
+                    conn.request_done()
+                answer(request, self._answer_of(request, pub, ok))
+
+            try:
+                self._store(request, pub, on_commit)
+            except BaseException:
+                if conn is not None:
+                    conn.request_done()
+                raise
+            self._congested(conn)
+        except Refused as exc:
+            answer(request, self._refusal(request, exc))
+            if getattr(remote, "refused", None) is not None and hasattr(remote, "close"):
+                remote.close()  # one answer per connection of a refused device, then it is closed
+        except Exception as exc:  # a bug costs this request a 5.00 (as aiocoap's render would)
+            log.exception("coap.publish_crashed", peer=getattr(remote, "peer", None) or _hostinfo(remote),
+                          error=repr(exc)[:200])
+            answer(request, Message(code=Code.INTERNAL_SERVER_ERROR, payload=b"internal error"))
+        return True
 
     # --- observe (downlink) --------------------------------------------------------------------------------------
 
@@ -376,10 +490,10 @@ def _resolver(future: asyncio.Future[bool]) -> Callable[[bool], None]:
 
 
 def _peercert(remote: Any) -> dict | None:
-    """The verified client certificate of a coaps+tcp remote (for a tenant from its O/OU); None otherwise."""
-    transport = getattr(remote, "_transport", None)
-    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-    return ssl_object.getpeercert() if ssl_object is not None else None
+    """The verified client certificate of a coaps+tcp or DTLS remote (for a tenant from its O/OU); None otherwise."""
+    # The one reading shared with the limiter's classes (edgegw/policy/certattrs.py).
+    from edgegw.policy.certattrs import peercert_of
+    return peercert_of(remote)
 
 
 def _hostinfo(remote: Any) -> str | None:

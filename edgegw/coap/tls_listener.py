@@ -16,6 +16,7 @@ Private aiocoap API used (pinned: aiocoap==0.4.17): ``transports.tcp.TcpConnecti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -300,14 +301,24 @@ class TLSListener(TCPServer):
         """Close connections silent for ``idle_timeout`` (one timer for all connections, not one each)."""
         loop = asyncio.get_running_loop()
         limit = self.settings.idle_timeout
-        now = loop.time()
-        for conn in list(self._pool):
-            if (conn._transport is not None and conn.inflight == 0 and conn.observing == 0
-                    and now - conn.last_rx > limit):
-                self.stats.idle_closed += 1
-                log.info("coap.idle_closed", device_id=conn._device_id, peer=conn.peer, idle_timeout=limit)
-                conn.close()
-        self._sweeper = loop.call_later(limit / 4, self._sweep)
+        try:
+            now = loop.time()
+            for conn in list(self._pool):
+                try:
+                    if (conn._transport is not None and conn.inflight == 0 and conn.observing == 0
+                            and now - conn.last_rx > limit):
+                        self.stats.idle_closed += 1
+                        log.info("coap.idle_closed", device_id=conn._device_id, peer=conn.peer, idle_timeout=limit)
+                        conn.close()
+                except Exception as exc:
+                    # One close that raises must not end the sweep (no more idle expiry: max_connections fills).
+                    log.exception("coap.sweep_failed", device_id=conn._device_id, peer=conn.peer, error=repr(exc))
+                    with contextlib.suppress(Exception):  # its slot is freed below even so
+                        conn.hard_close()
+                    self._forget(conn)
+        finally:
+            if not self.draining:  # stop_accepting cancelled the timer for good
+                self._sweeper = loop.call_later(limit / 4, self._sweep)
 
     # --- reload --------------------------------------------------------------------------------------------------
 

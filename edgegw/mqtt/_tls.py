@@ -13,18 +13,26 @@ protocol sees an ordinary :class:`asyncio.Transport` (``pause_reading``/``resume
 with high/low water marks, ``close`` after the buffered output, ``abort``), and ``get_extra_info("ssl_object")``
 answers ``getpeercert()`` for the identity. The context is the caller's at accept time, so a reloaded context
 applies to the next handshake.
+
+The listening side is :mod:`edgegw.mqtt._tls_listener` and OpenSSL's read-ahead :mod:`edgegw.mqtt._read_ahead`;
+both names are importable from here as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from edgegw.mqtt._read_ahead import read_ahead
+from edgegw.mqtt._tls_listener import TLSListener
+
+__all__ = ["CLOSE_TIMEOUT", "HIGH_WATER", "LOW_WATER", "READ_BUDGET", "HandshakeDone", "TLSListener", "TLSTransport",
+           "read_ahead"]
 
 log = structlog.get_logger("edgegw.mqtt")
 
@@ -34,101 +42,15 @@ LOW_WATER = 16 * 1024
 READ_BUDGET = 256 * 1024
 """Plaintext bytes read from one connection per loop wake-up (asyncio reads up to 256 KiB per wake-up too), so a
 device that sends without pause cannot keep the loop from the others."""
-ACCEPT_RETRY = 1.0
-"""Seconds before accepting again after the process ran out of file descriptors or memory (asyncio's value)."""
 CLOSE_TIMEOUT = 30.0
 """Seconds ``close()`` waits for buffered output to reach a peer that does not read, before it aborts (asyncio's
 ``ssl_shutdown_timeout``): a device that stops reading cannot keep a closed connection alive."""
+
 
 HandshakeDone = Callable[["TLSTransport", BaseException | None], None]
 """Called once per connection: ``(transport, None)`` when the handshake succeeded (before the protocol's
 ``connection_made``), or ``(transport, exc)`` when it failed or timed out; the socket is closed by then and the
 protocol hears nothing."""
-
-
-class TLSListener:
-    """Listening sockets whose accepted connections go, still plain, to ``on_accept(sock, peer)``.
-
-    Quacks like the part of :class:`asyncio.Server` the gateway uses (``sockets``, ``is_serving``, ``close``,
-    ``wait_closed``), so the readiness check and the port lookup do not care which one they get. Like
-    ``loop.create_server`` it listens on every address the host name resolves to (IPv6 ones IPv6-only).
-    """
-
-    def __init__(self, sockets: list[socket.socket], on_accept: Callable[[socket.socket, str], None],
-                 *, backlog: int) -> None:
-        self._on_accept = on_accept
-        self._backlog = backlog
-        self._loop = asyncio.get_running_loop()
-        self._sockets = tuple(sockets)
-        self._serving = True
-        for sock in self._sockets:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        """The listening sockets; none once closed (as ``asyncio.Server.sockets``)."""
-        return self._sockets if self._serving else ()
-
-    @classmethod
-    async def create(cls, host: str, port: int, on_accept: Callable[[socket.socket, str], None],
-                     *, backlog: int = 1024) -> TLSListener:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)
-        sockets: list[socket.socket] = []
-        try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):  # getaddrinfo may repeat an entry
-                sock = socket.socket(family, kind, proto)
-                sockets.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
-                sock.bind(address)
-                sock.listen(backlog)
-                sock.setblocking(False)
-        except OSError:
-            for sock in sockets:
-                sock.close()
-            raise
-        return cls(sockets, on_accept, backlog=backlog)
-
-    def is_serving(self) -> bool:
-        return self._serving
-
-    def _accept(self, sock: socket.socket) -> None:
-        for _ in range(self._backlog):
-            try:
-                conn, address = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Linux keeps reporting the socket readable: stop listening for a while instead of spinning.
-                    log.error("mqtt.accept_failed", error=str(exc), retry_in=ACCEPT_RETRY)
-                    self._loop.remove_reader(sock.fileno())
-                    self._loop.call_later(ACCEPT_RETRY, self._resume, sock)
-                    return
-                raise
-            conn.setblocking(False)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio does for its TCP transports
-            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
-            self._on_accept(conn, peer)
-            if not self._serving:  # on_accept may have closed us
-                return
-
-    def _resume(self, sock: socket.socket) -> None:
-        if self._serving:
-            self._loop.add_reader(sock.fileno(), self._accept, sock)
-
-    def close(self) -> None:
-        if not self._serving:
-            return
-        self._serving = False
-        for sock in self._sockets:
-            self._loop.remove_reader(sock.fileno())
-            sock.close()
-
-    async def wait_closed(self) -> None:
-        return None  # nothing outlives close(): the connections are the server's to end
 
 
 # Transport states.
@@ -145,7 +67,7 @@ class TLSTransport(asyncio.Transport):
 
     __slots__ = ("_close_timeout", "_fd", "_high", "_hs_write", "_loop", "_low", "_on_handshake", "_protocol",
                  "_read_waits_write", "_reader_on", "_reading", "_scratch", "_send_blocked", "_sock", "_state",
-                 "_timer", "_wbuf", "_write_paused", "_write_waits_read", "_writer_on", "_wsize")
+                 "_timer", "_wbuf", "_write_paused", "_write_waits_read", "_writer_on", "_wsize", "read_ahead")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, protocol: asyncio.Protocol,
                  scratch: memoryview, *, handshake_timeout: float, on_handshake: HandshakeDone,
@@ -168,6 +90,8 @@ class TLSTransport(asyncio.Transport):
         self._hs_write = self._send_blocked = False
         self._read_waits_write = self._write_waits_read = False
         self._close_timeout = close_timeout
+        self.read_ahead = False
+        """True if OpenSSL reads ahead on this connection (:func:`read_ahead`)."""
         # The handshake deadline, then (while closing with output still buffered) the close deadline.
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(handshake_timeout, self._handshake_timeout)
         self._fd = sock.fileno()
@@ -179,6 +103,7 @@ class TLSTransport(asyncio.Transport):
             sock.close()
             self._loop.call_soon(self._handshake_failed, exc)
             return
+        self.read_ahead = read_ahead(self._sock)
         # The handshake starts when the ClientHello arrives, never inside this constructor: the caller hears of
         # the outcome only through ``on_handshake``, after it has stored the transport.
         self._update()
@@ -259,29 +184,47 @@ class TLSTransport(asyncio.Transport):
         protocol = self._protocol
         budget = READ_BUDGET
         while self._reading and self._state == _OPEN:
-            try:
-                n = sock.recv_into(scratch, size)
-            except ssl.SSLWantReadError:
+            # Every record OpenSSL can give us now, up to the scratch size, goes to the protocol in one call: a
+            # device writes each PUBLISH as its own TLS record and SSL_read returns one record at a time, so one
+            # data_received per record would cost a parse, an event list and a flush per message.
+            got = 0
+            stop: BaseException | None = None
+            while got < size:
+                try:
+                    n = sock.recv_into(scratch[got:] if got else scratch, size - got)
+                except ssl.SSLWantReadError:
+                    break
+                except (OSError, ValueError) as exc:  # SSLWantWriteError, a fatal error
+                    stop = exc
+                    break
+                if n == 0:
+                    stop = EOFError()
+                    break
+                got += n
+            if got:
+                try:
+                    protocol.data_received(bytes(scratch[:got]))
+                except Exception as exc:  # noqa: BLE001 - a bug on the protocol's side ends this connection only
+                    self._protocol_failed("data_received", exc)
+                    return
+                if self._state != _OPEN:
+                    return  # the protocol closed or aborted the connection: what follows is not ours to report
+            if stop is not None:
+                if isinstance(stop, ssl.SSLWantWriteError):  # OpenSSL must send first (renegotiation), socket full
+                    self._read_waits_write = True
+                    self._update()
+                elif isinstance(stop, EOFError):
+                    self._eof()
+                else:
+                    self._fatal(stop)  # type: ignore[arg-type]
                 return
-            except ssl.SSLWantWriteError:  # OpenSSL must send first (renegotiation) and the socket is full
-                self._read_waits_write = True
-                self._update()
-                return
-            except (OSError, ValueError) as exc:
-                self._fatal(exc)
-                return
-            if n == 0:
-                self._eof()
-                return
-            try:
-                protocol.data_received(bytes(scratch[:n]))
-            except Exception as exc:  # noqa: BLE001 - a bug on the protocol's side ends this connection only
-                self._protocol_failed("data_received", exc)
-                return
-            budget -= n
+            if got < size:
+                return  # SSLWantReadError: the socket is drained
+            budget -= got
             if budget <= 0:
-                # Our turn is over. What OpenSSL already decrypted would not make the socket readable again.
-                if self._reading and self._state == _OPEN and sock.pending():
+                # Our turn is over. What OpenSSL already read (decrypted, or read ahead and not yet decrypted:
+                # pending() does not count that) would not make the socket readable again.
+                if self._reading and self._state == _OPEN:
                     self._loop.call_soon(self._read_again)
                 return
 

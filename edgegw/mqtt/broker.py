@@ -78,6 +78,8 @@ class BrokerStats:
     subscribe_denied: int = 0
     wills_published: int = 0
     sessions_expired: int = 0
+    queue_dropped: int = 0
+    """Messages dropped from full session queues (count or bytes cap), oldest first."""
 
 
 class LocalBroker:
@@ -162,6 +164,11 @@ class LocalBroker:
         elif session.durable:  # resumed without expiry: it ends with this connection
             session.durable = False
             self.journal.session_dropped(session.device_id)
+        if session.state.dropped:
+            # Counted while the queue was full (oldest first), told once when the device is back rather than per
+            # message; the count restarts, so each drop is reported once (or at session expiry).
+            log.warning("mqtt.session_queue_dropped", device_id=session.device_id, dropped=session.state.dropped)
+            session.state.dropped = 0
         self.pump(session, peer)
 
     def connection_ended(self, session: Session, peer: Peer, expiry: int, reason: ReasonCode) -> None:
@@ -247,6 +254,13 @@ class LocalBroker:
             except InvalidFilter:
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)
                 continue
+            if len(flt) > self.settings.max_topic_length or flt.count("/") >= self.settings.max_topic_levels:
+                # The topic-name bounds hold for filters too: a filter of 100,000 levels would grow the index
+                # by as many nodes for a single subscription.
+                log.warning("mqtt.subscribe_denied", device_id=acl_id, topic_filter=topic_filter[:100],
+                            reason="filter too long or too deep")
+                codes.append(ReasonCode.TOPIC_FILTER_INVALID)
+                continue
             if group is not None and opts.no_local:
                 codes.append(ReasonCode.TOPIC_FILTER_INVALID)  # MQTT-3.8.3-4
                 continue
@@ -273,6 +287,23 @@ class LocalBroker:
         if session.durable:
             self.journal.session_changed(session)
         return tuple(codes), retained
+
+    def unsubscribe_disallowed(self, acl: ACL, keep: Callable[[str], bool] = lambda key: False) -> int:
+        """After an ACL reload: end every subscription the new ``acl`` refuses, since routing trusts what SUBSCRIBE
+        accepted. Sessions whose key ``keep`` accepts (the lab listener's) are left alone. Returns how many."""
+        removed = 0
+        for key, session in self.sessions.items():
+            if keep(key):
+                continue
+            gone = [f for f, sub in session.filters.items() if not acl.may_subscribe(key, parse_filter(f)[1])]
+            for topic_filter in gone:
+                del session.filters[topic_filter]
+                self.index.remove(key, topic_filter)
+                log.warning("mqtt.subscription_revoked", device_id=key, topic_filter=topic_filter, reason="acl")
+            if gone and session.durable:
+                self.journal.session_changed(session)
+            removed += len(gone)
+        return removed
 
     def deliver_all(self, session: Session, items: list[Outgoing]) -> None:
         for out in items:
@@ -349,15 +380,19 @@ class LocalBroker:
                 self._send(peer, out)
                 peer.wrote()
                 return 1
-            state.enqueue(out)
-            self.stats.queued += 1
+            self._enqueue(state, out)
             return 1
         if session.expiry > 0 and out.qos > 0:
             # An offline persistent session: queued, bounded (MQTT 5 §4.1: QoS 0 may be dropped, and is).
-            state.enqueue(out)
-            self.stats.queued += 1
+            self._enqueue(state, out)
             return 1
         return 0
+
+    def _enqueue(self, state: SessionState, out: Outgoing) -> None:
+        before = state.dropped
+        state.enqueue(out)
+        self.stats.queued += 1
+        self.stats.queue_dropped += state.dropped - before
 
     def _send(self, peer: Peer, out: Outgoing) -> None:
         m = out.message

@@ -325,26 +325,36 @@ class FrameReader:
     cannot make it grow without bound (h11's ``max_incomplete_event_size``).
     """
 
-    __slots__ = ("_buf", "_max_packet_size")
+    __slots__ = ("_buf", "_max_packet_size", "_start")
 
     def __init__(self, max_packet_size: int) -> None:
         self._buf = bytearray()
         self._max_packet_size = max_packet_size
+        # Frames already returned are skipped by offset and dropped at the next feed: deleting each one from the
+        # front would move the rest of the buffer once per packet (many small PUBLISHes arrive in one read).
+        self._start = 0
 
     def feed(self, data: bytes) -> None:
+        if self._start:
+            del self._buf[: self._start]
+            self._start = 0
         self._buf += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._start
 
     def next_frame(self) -> tuple[int, memoryview] | None:
         buf = self._buf
+        start = self._start
         n = len(buf)
-        if n < 2:
+        if n - start < 2:
+            if start and start == n:
+                buf.clear()
+                self._start = 0
             return None
         length = 0
-        pos = 1
+        pos = start + 1
         for shift in (0, 7, 14, 21):
             if pos >= n:
                 return None
@@ -357,13 +367,13 @@ class FrameReader:
             raise MalformedPacket("remaining length longer than 4 bytes")
         total = pos + length
         # MQTT 5 §3.1.2.11.4: Maximum Packet Size counts the whole packet, fixed header included.
-        if total > self._max_packet_size:
-            raise PacketTooLarge(f"packet of {total} bytes exceeds the maximum of {self._max_packet_size}")
+        if total - start > self._max_packet_size:
+            raise PacketTooLarge(f"packet of {total - start} bytes exceeds the maximum of {self._max_packet_size}")
         if n < total:
             return None
-        first = buf[0]
+        first = buf[start]
         body = memoryview(bytes(buf[pos:total]))
-        del buf[:total]
+        self._start = total
         return first, body
 
 
@@ -413,21 +423,39 @@ def _decode_connect(first: int, body: memoryview, _version: int) -> Connect:
 
 
 def _decode_publish(first: int, body: memoryview, version: int) -> Publish:
+    # The hot path of the gateway (one call per device message): fields read by index rather than through a
+    # Reader; the same checks and errors as Reader.utf8 / u16.
     qos = (first >> 1) & 0x03
     if qos == 3:
         raise MalformedPacket("PUBLISH with QoS 3")  # MQTT-3.3.1-4
     dup = bool(first & 0x08)
     if dup and qos == 0:
         raise MalformedPacket("PUBLISH with DUP set at QoS 0")  # MQTT-3.3.1-2
-    r = Reader(body)
-    topic = r.utf8()
+    n = len(body)
+    pos = 2 + ((body[0] << 8 | body[1]) if n >= 2 else n)
+    if pos > n:
+        raise MalformedPacket("packet shorter than its fields")
+    try:
+        topic = str(body[2:pos], "utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("string is not valid UTF-8") from None
+    if "\x00" in topic:
+        raise MalformedPacket("string contains U+0000")  # MQTT-1.5.3-2
     packet_id = None
     if qos:
-        packet_id = r.u16()
+        if pos + 2 > n:
+            raise MalformedPacket("packet shorter than its fields")
+        packet_id = body[pos] << 8 | body[pos + 1]
+        pos += 2
         if packet_id == 0:
             raise MalformedPacket("PUBLISH with packet identifier 0")  # MQTT-2.3.1-1
-    props = decode_properties(r) if version == MQTT_5 else NO_PROPERTIES
-    return Publish(topic, r.rest(), qos, bool(first & 0x01), dup, packet_id, props)
+    if version == MQTT_5:
+        r = Reader(body, pos)
+        props = decode_properties(r)
+        pos = r.pos
+    else:
+        props = NO_PROPERTIES
+    return Publish(topic, bytes(body[pos:]), qos, bool(first & 0x01), dup, packet_id, props)
 
 
 def _ack_decoder(cls: type[PublishAckBase], flags: int) -> Callable[[int, memoryview, int], PublishAckBase]:
@@ -648,6 +676,15 @@ def encode_packet(packet: Packet, version: int) -> bytes:
     if isinstance(packet, Auth):
         return _frame(PacketType.AUTH << 4, bytes((packet.reason_code,)) + encode_properties(packet.properties))
     raise TypeError(f"cannot encode {packet!r}")
+
+
+_PUBACK_OK = struct.Struct("!BBH")
+
+
+def encode_puback_ok(packet_id: int) -> bytes:
+    """PUBACK with reason Success and no properties: the same bytes in 3.1.1 and 5 (MQTT 5 §3.4.2.1 lets the
+    reason code go when it is 0x00 and there are no properties). The gateway sends one per device message."""
+    return _PUBACK_OK.pack(PacketType.PUBACK << 4, 2, packet_id)
 
 
 _ACK_TYPES: dict[type, tuple[int, int]] = {

@@ -27,6 +27,7 @@ from edgegw.mqtt.codec import (
     MQTTProtocolError,
     decode_packet,
     encode_packet,
+    encode_puback_ok,
     encode_publish,
     misplaced_property,
 )
@@ -375,7 +376,9 @@ class MQTTConnection:
             self.close(reason, f"publish {packet_id} refused: {reason.name}")
             return
         if qos == 1:
-            self._send(Puback(packet_id, reason))
+            # The common answer, one per device message, without building a Puback to encode it.
+            self._out.append(encode_puback_ok(packet_id) if reason is ReasonCode.SUCCESS
+                             else encode_packet(Puback(packet_id, reason), self.protocol_level))
         else:
             self._send(Pubrec(packet_id, reason))
 

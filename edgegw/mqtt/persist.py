@@ -26,7 +26,11 @@ import msgpack
 import structlog
 
 from edgegw.mqtt.broker import LocalBroker
-from edgegw.mqtt.forward import decode_record_properties, properties_from_record, record_properties
+from edgegw.mqtt.forward import (
+    decode_record_properties,
+    properties_from_record,
+    record_properties,
+)
 from edgegw.mqtt.packets import SubscriptionOptions
 from edgegw.mqtt.session import Message, Outgoing, Session, SessionState
 from edgegw.mqtt.subscriptions import InvalidFilter, Subscription, parse_filter
@@ -61,6 +65,30 @@ def _unout(v: list[Any], mono: float, elapsed: float) -> Outgoing | None:
     return None if m is None else Outgoing(m, v[1], tuple(v[2]), v[3])
 
 
+def filter_rows(session: Session) -> list[list[Any]]:
+    """A session's subscriptions as stored (both here and in :mod:`edgegw.mqtt.sessiondb`):
+    ``[filter, qos, no_local, retain_as_published, retain_handling, subscription id | None]``."""
+    return [[f, sub.options.qos, sub.options.no_local, sub.options.retain_as_published, sub.options.retain_handling,
+             sub.subscription_id] for f, sub in session.filters.items()]
+
+
+def restore_filters(broker: LocalBroker, session: Session, rows: list[list[Any]]) -> int:
+    """Put the :func:`filter_rows` of ``session`` back into the broker's index and the session. A filter this
+    version no longer accepts is skipped (the device subscribes again): one such filter must not cost the device
+    its other subscriptions. Returns how many were skipped."""
+    skipped = 0
+    for f, qos, nl, rap, rh, sid in rows:
+        try:
+            group, _ = parse_filter(f)
+        except InvalidFilter:
+            skipped += 1
+            continue
+        sub = Subscription(session.device_id, f, SubscriptionOptions(qos, nl, rap, rh), sid, group)
+        broker.index.add(sub)
+        session.filters[f] = sub
+    return skipped
+
+
 def snapshot(broker: LocalBroker) -> bytes:
     mono = broker.now()
     now = time.time()
@@ -73,8 +101,7 @@ def snapshot(broker: LocalBroker) -> bytes:
             "id": s.device_id, "expiry": s.expiry, "level": s.protocol_level,
             "disconnected_at": s.disconnected_at if s.disconnected_at is not None else now,
             "next_pid": st.next_packet_id, "awaiting_rel": sorted(st.awaiting_rel), "dropped": st.dropped,
-            "filters": [[f, sub.options.qos, sub.options.no_local, sub.options.retain_as_published,
-                         sub.options.retain_handling, sub.subscription_id] for f, sub in s.filters.items()],
+            "filters": filter_rows(s),
             "outgoing": [[pid, o.released, _out(o, mono)] for pid, o in st.outgoing.items()],
             "queue": [_out(o, mono) for o in st.queue],
         })
@@ -114,14 +141,7 @@ def restore(broker: LocalBroker, data: bytes) -> tuple[int, int]:
                 state.enqueue(out)
         session = Session(key, state, expiry=s["expiry"], protocol_level=s["level"],
                           disconnected_at=s["disconnected_at"])
-        for f, qos, nl, rap, rh, sid in s["filters"]:
-            try:
-                group, _ = parse_filter(f)
-            except InvalidFilter:
-                continue
-            sub = Subscription(key, f, SubscriptionOptions(qos, nl, rap, rh), sid, group)
-            broker.index.add(sub)
-            session.filters[f] = sub
+        restore_filters(broker, session, s["filters"])
         broker.sessions[key] = session
         broker.schedule_expiry(key, left)
         restored += 1

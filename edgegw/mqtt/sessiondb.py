@@ -18,8 +18,9 @@ What is written, and when it is current (docs/MQTT.md "Across a gateway restart"
 
 Rows are msgpack (``edgegw.mqtt.forward`` schema for properties). Expiry deadlines are stored as wall-clock times,
 so countdowns continue across a restart. A file that cannot be read is moved aside (``mqtt.sessions_unreadable``,
-error) and the gateway starts with no sessions. A failed batch is logged (``mqtt.sessions_write_failed``) and the
-SUBACKs waiting for it are not sent (the connection is closed): the device subscribes again.
+error) and the gateway starts with no sessions. A failed batch is logged (``mqtt.sessions_write_failed``; any other
+error in a batch ``mqtt.sessions_batch_failed``) and the SUBACKs waiting for it are not sent (the connection is
+closed): the device subscribes again. Either way the writer goes on with the next batch.
 """
 
 from __future__ import annotations
@@ -44,9 +45,7 @@ from edgegw.mqtt.forward import (
     properties_from_record,
     record_properties,
 )
-from edgegw.mqtt.packets import SubscriptionOptions
 from edgegw.mqtt.session import Message, NoJournal, Outgoing, Session
-from edgegw.mqtt.subscriptions import InvalidFilter, Subscription, parse_filter
 
 log = structlog.get_logger("edgegw.mqtt")
 
@@ -189,19 +188,27 @@ class SessionDB:
             return
         self._dirty_sessions.clear()
         self._dirty_retained.clear()
-        batch = self._resolve(ops, cancelled)
-        ok = True
-        if batch:
-            try:
+        ok = False
+        try:
+            batch = self._resolve(ops, cancelled)
+            if batch:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batch,
                                                                  self.broker.now(), time.time())
                 self.batches += 1
-            except (sqlite3.Error, OSError) as exc:
-                ok = False
-                self.failures += 1
-                log.error("mqtt.sessions_write_failed", path=str(self.path), error=repr(exc), changes=len(batch))
+            ok = True
+        except (sqlite3.Error, OSError) as exc:  # disk full, I/O error, file gone: the next batch may succeed
+            self.failures += 1
+            log.error("mqtt.sessions_write_failed", path=str(self.path), error=repr(exc), changes=len(ops))
+        except Exception:  # a bug (e.g. a value msgpack cannot pack): this batch is lost, the journal goes on
+            self.failures += 1
+            log.exception("mqtt.sessions_batch_failed", path=str(self.path), changes=len(ops))
+        # One callback that raises must not keep the others (other devices' SUBACKs) from running, nor end the
+        # writer task (every later change would then stay in memory only, and close() would re-raise).
         for callback in callbacks:
-            callback(ok)
+            try:
+                callback(ok)
+            except Exception:
+                log.exception("mqtt.sessions_callback_failed", path=str(self.path))
 
     def _resolve(self, ops: list[tuple[Any, ...]], cancelled: set[int]) -> list[tuple[Any, ...]]:
         """Session and retained changes are read now (their latest state, once per batch); messages are immutable
@@ -228,8 +235,7 @@ class SessionDB:
             "expiry": s.expiry, "level": s.protocol_level, "disconnected_at": s.disconnected_at,
             "next_pid": s.state.next_packet_id, "awaiting_rel": sorted(s.state.awaiting_rel),
             "dropped": s.state.dropped,
-            "filters": [[f, sub.options.qos, sub.options.no_local, sub.options.retain_as_published,
-                         sub.options.retain_handling, sub.subscription_id] for f, sub in s.filters.items()],
+            "filters": persist.filter_rows(s),
             "inflight": [[o.row, pid, o.released] for pid, o in s.state.outgoing.items() if o.row],
             "will": None if will is None else [_pack_message(will[1], mono, now), now + (will[0] - mono)],
         }
@@ -282,14 +288,7 @@ class SessionDB:
                     state.outgoing[pid] = item  # resent with DUP (or PUBREL) when the device is back
                 else:
                     state.enqueue(item)
-            for f, qos, nl, rap, rh, sid in st["filters"]:
-                try:
-                    group, _ = parse_filter(f)
-                except InvalidFilter:
-                    continue
-                sub = Subscription(key, f, SubscriptionOptions(qos, nl, rap, rh), sid, group)
-                broker.index.add(sub)
-                session.filters[f] = sub
+            persist.restore_filters(broker, session, st["filters"])
             broker.sessions[key] = session
             broker.schedule_expiry(key, left)
             if st["will"] is not None:

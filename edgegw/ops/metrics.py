@@ -229,6 +229,10 @@ class GatewayCollector(Collector):
                                         "the same device", labels=["protocol"])
         takeovers.add_metric(["mqtt"], _num(stats, "takeovers") or 0)
         yield takeovers
+        yield CounterMetricFamily("edgegw_session_queue_dropped", "Messages dropped from full MQTT session queues "
+                                  "(max_queued_messages / max_queued_bytes), oldest first",
+                                  value=_num(getattr(getattr(server, "broker", None), "stats", None),
+                                             "queue_dropped") or 0)
 
         # --- messages
         msgs_in = CounterMetricFamily("edgegw_messages_received", "PUBLISH packets received from devices",
@@ -349,12 +353,24 @@ class GatewayCollector(Collector):
                                 value=self.sampler.lag)
         yield GaugeMetricFamily("edgegw_event_loop_lag_max_seconds", "Largest event-loop lag since the last "
                                 "scrape", value=self.sampler.take_lag_max())
-        if self.cert_expiry:
-            fam = GaugeMetricFamily("edgegw_certificate_expiry_timestamp_seconds", "notAfter of the gateway's "
-                                    "certificates (unix time)", labels=["certificate"])
-            for name, ts in sorted(self.cert_expiry.items()):
-                fam.add_metric([name], ts)
-            yield fam
+        # The device fleet's soonest expiry and the CRL's nextUpdate come from the credentials loaded at the last
+        # (re)load, so a scrape never opens the registry (issuing a device changes registry.db: a reload follows).
+        creds = getattr(gw, "credentials", None)
+        expiry = dict(self.cert_expiry)
+        soonest = getattr(creds, "soonest_device_not_after", None)
+        if soonest is not None:
+            expiry["soonest_device"] = soonest.timestamp()
+        if expiry:
+            expiry_fam = GaugeMetricFamily("edgegw_certificate_expiry_timestamp_seconds", "notAfter of the gateway's "
+                                           "certificates and of the soonest-expiring active device (unix time)",
+                                           labels=["certificate"])
+            for name, ts in sorted(expiry.items()):
+                expiry_fam.add_metric([name], ts)
+            yield expiry_fam
+        crl_next = getattr(creds, "crl_next_update", None)
+        if crl_next is not None:
+            yield GaugeMetricFamily("edgegw_crl_next_update_timestamp_seconds", "nextUpdate of the loaded CRL (unix "
+                                    "time): past it every device is refused", value=crl_next.timestamp())
 
 
 def limit_metrics(limiter: Any) -> Iterator[Metric]:

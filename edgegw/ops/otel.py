@@ -7,7 +7,9 @@ uplink hold None and check it once per record. Otherwise two spans per record, c
 - ``edgegw.ingress``: from the record's arrival to its outbox commit (QoS 0 included);
 - ``edgegw.uplink``: from the upstream PUBLISH to the upstream PUBACK (success reason codes only).
 
-Both carry ``edgegw.device_id``, ``edgegw.record_id`` and ``messaging.destination.name`` (the device's topic).
+Both carry ``edgegw.device_id``, ``edgegw.record_id`` and ``messaging.destination.name`` (the record's upstream
+topic, from the one mapping the uplink uses: ``edgegw.uplink._wire.upstream_topic``, so a routed record shows the
+topic it is published to, not its stored U+0000 form).
 Sampling: ``sample_ratio`` of the trace ids, decided as OpenTelemetry's TraceIdRatioBased sampler does (the low 64
 bits of the trace id), so every span of one trace is exported or none is. Spans go out in batches
 (BatchSpanProcessor, OTLP over HTTP/protobuf); :meth:`Spans.shutdown` flushes them.
@@ -30,7 +32,7 @@ _UPLINK_PENDING_MAX = 100_000
 """Upstream publishes awaiting a PUBACK we remember the start of (a bound: lost links leave entries behind)."""
 
 
-def build(settings: TracingSettings, gateway_id: str = "edgegw") -> Spans | None:
+def build(settings: TracingSettings, gateway_id: str = "edgegw", topic_prefix: str = "edgegw") -> Spans | None:
     """None for ``exporter = "none"`` (without importing anything); raises ConfigError if the packages are missing."""
     if settings.exporter == "none":
         return None
@@ -46,15 +48,20 @@ def build(settings: TracingSettings, gateway_id: str = "edgegw") -> Spans | None
     provider = TracerProvider(resource=resource)  # sampled here, before any span is made (Spans._sampled)
     exporter = OTLPSpanExporter(endpoint=settings.endpoint) if settings.endpoint else OTLPSpanExporter()
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return Spans(provider, settings.sample_ratio)
+    return Spans(provider, settings.sample_ratio, topic_prefix)
 
 
 class Spans:
     """The two hooks. Built only when export is on; every method is for the event loop thread."""
 
-    def __init__(self, provider: Any, sample_ratio: float) -> None:
+    def __init__(self, provider: Any, sample_ratio: float, topic_prefix: str = "edgegw") -> None:
         from opentelemetry import trace
         from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+        from edgegw.uplink._wire import upstream_topic
+
+        self._topic_prefix = topic_prefix
+        self._upstream_topic = upstream_topic
 
         self._provider = provider
         self._tracer = provider.get_tracer("edgegw")
@@ -73,7 +80,8 @@ class Spans:
     def _span(self, name: str, kind: Any, tp: str, start_ns: int, end_ns: int, record: Record) -> None:
         span = self._tracer.start_span(name, context=self._set_span(self._remote(tp)), kind=kind, start_time=start_ns,
                                        attributes={"edgegw.device_id": record.device_id, "edgegw.record_id": record.id,
-                                                   "messaging.destination.name": record.topic})
+                                                   "messaging.destination.name": self._upstream_topic(
+                                                       self._topic_prefix, record.device_id, record.topic)})
         span.end(end_time=end_ns)
         self.exported += 1
 

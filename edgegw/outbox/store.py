@@ -62,6 +62,10 @@ ROOM_AGAIN_BELOW = 0.85
 """:meth:`Outbox.when_room` callbacks run once the fill is below this (hysteresis below FAIR_SHARE_FROM)."""
 _VACUUM_IDLE = 0.5
 """Seconds without work before the writer gives free pages back to the filesystem."""
+_QUIET = 0.001
+"""A group of records is committed before ``commit_window_ms`` is over once no record came for this long (and a
+loop turn): devices send what their in-flight window allows and then wait for acknowledgements that only this
+commit can give, so lingering on adds latency and no records (docs/BENCHMARKS.md "Device-facing hot path")."""
 _TRACE_IDS_LOGGED = 20
 """At most this many trace ids of a failed group commit are logged (``outbox.commit_failed``)."""
 _INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
@@ -269,7 +273,7 @@ class Outbox(Upkeep):
             if (self._pending or self._to_delete) and window > 0 and not self._stopping and \
                     len(self._pending) < self._settings.commit_max_records:
                 self._group_full = loop.create_future()
-                await asyncio.wait((self._group_full,), timeout=window)
+                await self._linger(loop, window)
                 self._group_full = None
             await self._commit_group()
             if self._pending or self._to_delete or self._to_quarantine:
@@ -286,6 +290,22 @@ class Outbox(Upkeep):
                 except TimeoutError:
                     if await self._vacuum_step():
                         self._wake.set()
+
+    async def _linger(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+        """Wait for more records: until ``window`` is over, the group is full, or (records only) a quiet spell."""
+        full = self._group_full
+        assert full is not None
+        deadline = loop.time() + window
+        seen = len(self._pending)
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            # Deletes alone have nobody waiting for them: they take the whole window (fewer fsyncs).
+            await asyncio.wait((full,), timeout=min(remaining, _QUIET) if seen else remaining)
+            if full.done() or len(self._pending) == seen:
+                return
+            seen = len(self._pending)
 
     async def _commit_group(self) -> None:
         group = self._pending[: self._settings.commit_max_records]

@@ -35,13 +35,15 @@ from edgegw.pipeline.steps import (
     DROP,
     Context,
     Many,
+    Staged,
     Step,
     StepError,
+    apply_staged,
     compile_step,
     decoder,
     encoder,
 )
-from edgegw.pipeline.tenants import RegistryView, TenantResolver
+from edgegw.pipeline.tenants import NO_TENANT, RegistryView, TenantResolver
 
 log = structlog.get_logger("edgegw.pipeline")
 
@@ -150,6 +152,7 @@ class Pipeline:
             self._versions[v.name] = (tuple(steps), fans, v.deprecated, v.sunset)
         self._drop_unmatched = settings.unmatched == "drop"
         self._topic_prefix = topic_prefix
+        self._no_tenant_prefix = f"{topic_prefix}/{NO_TENANT}"
         self._prefixes = dict(settings.tenants.prefixes)
         self.registry = RegistryView(registry_path)
         self.tenants = TenantResolver(settings.tenants, self.registry)
@@ -163,16 +166,28 @@ class Pipeline:
         self.stats = old.stats
         self._deprecation_logged = old._deprecation_logged
 
+    @property
+    def has_tenants(self) -> bool:
+        return self.tenants.source != "none" or bool(self.tenants.default)
+
+    def tenant_prefixes(self) -> tuple[str, ...]:
+        """The upstream prefixes listed in ``tenants.prefixes`` (others are ``{uplink.topic_prefix}/{tenant}``)."""
+        return tuple(self._prefixes.values())
+
     def prefix(self, tenant: str) -> str:
         if not tenant:
-            return self._topic_prefix
+            # With tenants on, a device without one goes under a level no tenant can have (docs/POLICY.md
+            # "Tenants"): {topic_prefix}/{device_id} could be inside a tenant's space.
+            return self._no_tenant_prefix if self.has_tenants else self._topic_prefix
         return self._prefixes.get(tenant) or f"{self._topic_prefix}/{tenant}"
 
     # --- per message ------------------------------------------------------------------------------------------
 
     def process(self, device_id: str, tenant: str, topic: str, payload: bytes, qos: int,
-                properties: bytes | None, received_at: float) -> list[Output]:
-        """The records for one message ([] when dropped on purpose). Raises StepError for a poison message."""
+                properties: bytes | None, received_at: float, staged: list[Staged] | None = None) -> list[Output]:
+        """The records for one message ([] when dropped on purpose). Raises StepError for a poison message.
+        ``staged``: collects the deadband/downsample memory changes for the caller to apply once the records are
+        committed (None: applied at once)."""
         parts = topic.split("/")
         adapter: tuple[Step, ...] = ()
         adapter_fans = False
@@ -210,7 +225,7 @@ class Pipeline:
                                       self._properties(base, properties, tenant, None)))
             else:
                 if ctx is None:
-                    ctx = Context(device_id, tenant, topic, received_at, self.registry.get(device_id))
+                    ctx = Context(device_id, tenant, topic, received_at, self.registry.get(device_id), staged)
                 assert route.decode is not None and route.encode is not None
                 data = route.decode(payload)
                 if adapter:
@@ -233,7 +248,7 @@ class Pipeline:
             if self._drop_unmatched:
                 self.stats.unmatched += 1
                 return []
-            if not tenant:
+            if not tenant and not self.has_tenants:
                 return [Output(topic, payload, qos, 1, properties)]  # exactly as without a pipeline
             head = f"devices/{device_id}/"
             rest = topic.removeprefix(head)
@@ -290,8 +305,9 @@ class Pipeline:
             # Refused before the chain runs, so deadband/downsample state only ever counts stored messages (a
             # held 3.1.1 publish comes back through here and must not be dropped as "unchanged").
             raise OutboxFull(device_id, "records", "no room for this device's record")
+        staged: list[Staged] = []
         try:
-            outputs = self.process(device_id, tenant, topic, payload, qos, properties, time.time())
+            outputs = self.process(device_id, tenant, topic, payload, qos, properties, time.time(), staged)
         except StepError as exc:
             self._quarantine(outbox, device_id, tenant, topic, payload, qos, on_commit, properties, str(exc))
             return None
@@ -300,6 +316,10 @@ class Pipeline:
             self._quarantine(outbox, device_id, tenant, topic, payload, qos, on_commit, properties,
                              f"{type(exc).__name__} in the pipeline: {exc}")
             return None
+        if staged:
+            # Deadband/downsample remember this message only once the device is acknowledged: if the commit fails
+            # the device resends it, and that copy must not be dropped as "unchanged" (never stored at all).
+            on_commit = _Remember(staged, on_commit)
         if not outputs:
             if on_commit is not None:
                 on_commit(True)  # nothing to store: acknowledged at once (counted in stats)
@@ -330,6 +350,23 @@ class Pipeline:
                    f"{PIPELINE_REASON}{reason}", time.time(), on_commit)
         self.stats.quarantined += 1
         log.warning("pipeline.quarantined", device_id=device_id, topic=topic[:200], reason=reason)
+
+
+class _Remember:
+    """The device's commit callback, applying the message's staged deadband/downsample memory first if it is
+    committed (on a failure it is dropped: the resent message is judged as the first one was)."""
+
+    __slots__ = ("done", "staged")
+
+    def __init__(self, staged: list[Staged], done: Callable[[bool], None] | None) -> None:
+        self.staged = staged
+        self.done = done
+
+    def __call__(self, ok: bool) -> None:
+        if ok:
+            apply_staged(self.staged)
+        if self.done is not None:
+            self.done(ok)
 
 
 class _Join:

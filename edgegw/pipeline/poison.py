@@ -9,7 +9,9 @@ columns; ``edgegw quarantine`` shows both, pipeline rows with negative ids (``-r
 The device is acknowledged after the commit holding its message (the ack-after-commit contract: the message is
 durably kept, just not forwarded). ``put`` is synchronous (no await, no task per message). Bounded: at most
 ``MAX_PENDING`` awaiting commit (past it ``put`` raises OutboxFull and the device is refused or held like for a full
-outbox), ``MAX_ROWS`` and ``MAX_BYTES`` kept (past them the oldest are deleted, counted and logged).
+outbox), ``quarantine.max_rows`` and ``quarantine.max_bytes`` kept (past them rows are deleted, counted and logged:
+the oldest of the device holding the most rows first, so one device's poison stream cannot push out what every
+other device had quarantined).
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import aiosqlite
 import structlog
 
 from edgegw.outbox._record import OutboxFull
+from edgegw.pipeline.settings import QuarantineSettings
 
 log = structlog.get_logger("edgegw.pipeline")
 
 FILE = "quarantine.db"
 PIPELINE_REASON = "pipeline: "
 MAX_PENDING = 10_000
-MAX_ROWS = 100_000
-MAX_BYTES = 128 * 1024 * 1024
-"""Payload + properties bytes kept; past either cap the oldest rows are deleted (counted, logged)."""
+MAX_ROWS = QuarantineSettings().max_rows
+MAX_BYTES = QuarantineSettings().max_bytes
+"""Defaults of ``[quarantine] max_rows / max_bytes`` (payload + properties bytes)."""
 _RECOUNT_EVERY = 60.0
 """Seconds between recounts of the file (``edgegw quarantine purge`` may have deleted rows meanwhile)."""
 _SIZE = "length(payload) + coalesce(length(properties), 0)"
@@ -49,14 +52,47 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     quarantined_at REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS quarantine_device ON quarantine (device_id, id);
 """
 
 _Row = tuple[str, str, bytes, int, float, "bytes | None", str, float]
 
 
+def fair_shares(counts: list[tuple[str, int]], excess: int) -> list[tuple[str, int]]:
+    """How many rows to delete per device to remove ``excess`` rows: from the fullest devices first, levelling
+    them down (water-filling), so a device with few rows loses none while another holds more."""
+    excess = min(excess, sum(n for _, n in counts))
+    if excess <= 0:
+        return []
+
+    def above(level: int) -> int:
+        return sum(n - level for _, n in counts if n > level)
+
+    lo, hi = 0, max(n for _, n in counts)  # the highest level whose surplus covers the excess: above(lo) >= excess
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if above(mid) >= excess:
+            lo = mid
+        else:
+            hi = mid - 1
+    level = lo + 1  # above(level) < excess <= above(lo): trim all to `level`, then one more from some at it
+    shares = {d: n - level for d, n in counts if n > level}
+    extra = excess - sum(shares.values())
+    for d, n in sorted(counts, key=lambda c: -c[1]):
+        if extra <= 0:
+            break
+        if n >= level:
+            shares[d] = shares.get(d, 0) + 1
+            extra -= 1
+    return [(d, n) for d, n in shares.items() if n > 0]
+
+
 class PoisonStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_rows: int | None = None, max_bytes: int | None = None) -> None:
         self.path = path
+        self.max_rows = MAX_ROWS if max_rows is None else max_rows
+        self.max_bytes = MAX_BYTES if max_bytes is None else max_bytes
+        """Caps; the daemon sets them again on a reload ([quarantine])."""
         self._db: aiosqlite.Connection | None = None
         self._pending: list[tuple[_Row, Callable[[bool], None] | None]] = []
         self._edits: list[tuple[str, tuple[Any, ...], asyncio.Future[bool]]] = []  # operator actions (replay)
@@ -142,27 +178,35 @@ class PoisonStore:
                     log.exception("pipeline.callback_failed")
 
     async def _evict(self) -> None:
-        """Past MAX_ROWS or MAX_BYTES: delete the oldest rows (in this transaction)."""
+        """Past max_rows or max_bytes: delete rows (in this transaction), the oldest of the device holding the most
+        rows first. Oldest overall would let one device sending poison push out every other device's rows."""
         assert self._db is not None
+        max_rows, max_bytes = self.max_rows, self.max_bytes
         evicted = 0
-        while self._rows > MAX_ROWS or self._bytes > MAX_BYTES:
-            if self._rows > MAX_ROWS:
-                batch = self._rows - MAX_ROWS
+        while self._rows > max_rows or self._bytes > max_bytes:
+            if self._rows > max_rows:
+                excess = self._rows - max_rows
             else:  # enough average-sized rows to get under the byte cap (the loop takes more if needed)
-                batch = max(1, -(-(self._bytes - MAX_BYTES) * self._rows // max(1, self._bytes)))
-            async with self._db.execute(
-                    f"DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"
-                    f" RETURNING {_SIZE}", (batch,)) as cur:
-                sizes = [row[0] for row in await cur.fetchall()]
-            if not sizes:
+                excess = max(1, -(-(self._bytes - max_bytes) * self._rows // max(1, self._bytes)))
+            # Only past a cap (poison messages are rare): one indexed GROUP BY, then one DELETE per device trimmed.
+            async with self._db.execute("SELECT device_id, count(*) FROM quarantine GROUP BY device_id") as cur:
+                counts = [(str(d), int(n)) for d, n in await cur.fetchall()]
+            removed = 0
+            for device, n in fair_shares(counts, excess):
+                async with self._db.execute(
+                        f"DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE device_id = ?"
+                        f" ORDER BY id LIMIT ?) RETURNING {_SIZE}", (device, n)) as cur:
+                    sizes = [row[0] for row in await cur.fetchall()]
+                removed += len(sizes)
+                self._rows -= len(sizes)
+                self._bytes -= sum(sizes)
+            if not removed:
                 break
-            evicted += len(sizes)
-            self._rows -= len(sizes)
-            self._bytes -= sum(sizes)
+            evicted += removed
         if evicted:
             self.evicted += evicted
             log.warning("pipeline.quarantine_full", evicted=evicted, evicted_total=self.evicted, rows=self._rows,
-                        bytes=self._bytes, max_rows=MAX_ROWS, max_bytes=MAX_BYTES, path=str(self.path))
+                        bytes=self._bytes, max_rows=max_rows, max_bytes=max_bytes, path=str(self.path))
 
     async def edit(self, sql: str, params: tuple[Any, ...]) -> bool:
         """Run one statement in the writer's next commit (the only writer of this file); True once committed."""

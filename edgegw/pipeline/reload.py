@@ -11,6 +11,7 @@ only a restart can apply (ports, outbox, uplink, TLS file paths) are compared an
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def build_pipeline(config: Config, poison: PoisonStore | None = None) -> Pipelin
     """The pipeline for ``config``, or None when it configures none (records stored as sent). ``poison``: where
     it keeps poison messages (None: refused; the CLI's replay raises instead)."""
     settings = config.pipeline
+    if poison is not None:  # [quarantine] caps apply with or without a pipeline (replayed rows stay in the file)
+        poison.max_rows = settings.quarantine.max_rows
+        poison.max_bytes = settings.quarantine.max_bytes
     if not settings.enabled:
         return None
     pipeline = Pipeline(settings, topic_prefix=config.uplink.topic_prefix, registry_path=config.registry.path)
@@ -72,6 +76,13 @@ def reload_config(gateway: Any, trigger: str) -> str | None:
         for proto in list(server._connections):
             if not proto.lab:
                 proto.acl = acl  # a live session keeps going under the new rules (denied topics: denied from now)
+        # Routing trusts what SUBSCRIBE accepted: subscriptions the new rules refuse end now, in live and in
+        # persistent sessions alike (the lab listener's sessions are under no ACL).
+        from edgegw.mqtt.server import LAB_PREFIX
+
+        ended = server.broker.unsubscribe_disallowed(acl, keep=lambda key: key.startswith(LAB_PREFIX))
+        if ended:
+            log.info("config.subscriptions_ended", count=ended, reason="no longer allowed by acl.subscribe")
         if pipeline is not None and old is not None and pipeline is not old:
             pipeline.adopt_state(old)
         server.pipeline = pipeline
@@ -79,6 +90,10 @@ def reload_config(gateway: Any, trigger: str) -> str | None:
     site = getattr(coap, "site", None)
     if site is not None and hasattr(site, "acl"):
         site.acl = acl
+    poison = getattr(gateway, "poison", None)
+    if poison is not None:
+        poison.max_rows = new.pipeline.quarantine.max_rows
+        poison.max_bytes = new.pipeline.quarantine.max_bytes
     if limiter is not None and limits is not None and hasattr(limiter, "replace"):
         limiter.replace(limits)
     restart = [name for name in _RESTART if getattr(new, name, None) != getattr(running, name, None)]
@@ -93,7 +108,9 @@ def reload_config(gateway: Any, trigger: str) -> str | None:
 
 
 def _same_pipeline(running: Config, new: Config) -> bool:
-    return (new.pipeline == running.pipeline and new.registry.path == running.registry.path
+    # [quarantine] caps alone do not rebuild the pipeline (that would forget deadband/downsample state).
+    return (replace(new.pipeline, quarantine=running.pipeline.quarantine) == running.pipeline
+            and new.registry.path == running.registry.path
             and new.uplink.topic_prefix == running.uplink.topic_prefix)
 
 

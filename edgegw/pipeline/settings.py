@@ -13,18 +13,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgegw.errors import ConfigError
+from edgegw.policy.certattrs import attribute_oid
+
+NO_TENANT = "_untenanted"
+"""With tenants on, the upstream level a device without a tenant publishes under (``{uplink.topic_prefix}/
+_untenanted/{device_id}/...``): never a tenant name (edgegw/pipeline/tenants.py ``safe_tenant`` refuses it), so a
+device without a tenant whose id equals a tenant's name cannot publish into that tenant's space."""
 
 # The outbox's priority classes (edgegw/outbox/_record.py), repeated: edgegw/config.py imports this module, and the
 # outbox package imports edgegw/config.py. tests/test_pipeline.py checks that both agree.
 PRIORITY_BULK, PRIORITY_TELEMETRY, PRIORITY_ALARM = 0, 1, 2
 MAX_PRIORITY = 7
 
-SECTIONS = ("routes", "routing", "transforms", "versions", "tenants")
+SECTIONS = ("routes", "routing", "transforms", "versions", "tenants", "quarantine")
 """Top-level config sections owned by the pipeline (``edgegw/config.py`` hands them here)."""
 
 FORMATS = ("json", "cbor", "msgpack", "raw")
 PRIORITIES = {"bulk": PRIORITY_BULK, "telemetry": PRIORITY_TELEMETRY, "alarm": PRIORITY_ALARM}
-TenantSource = Literal["none", "cert-o", "cert-ou", "registry"]
+TenantSource = str
+"""``none``, ``registry``, ``cert-o``, ``cert-ou`` or ``cert:NAME`` (any subject attribute: edgegw/policy/certattrs.py)."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VAR = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 TEMPLATE_VARS = ("device_id", "tenant", "prefix", "rest")
@@ -69,12 +76,22 @@ class TenantSettings:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class QuarantineSettings:
+    """``[quarantine]``: how much of the pipeline's quarantine.db (poison messages) is kept (edgegw/pipeline/poison.py)."""
+
+    max_rows: int = 100_000
+    max_bytes: int = 128 * 1024 * 1024
+    """Payload + properties bytes. Past either cap rows are deleted from the device holding the most first."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PipelineSettings:
     routes: tuple[RouteSettings, ...] = ()
     unmatched: Literal["pass", "drop"] = "pass"
     transforms: tuple[TransformSettings, ...] = ()
     versions: tuple[VersionSettings, ...] = ()
     tenants: TenantSettings = field(default_factory=TenantSettings)
+    quarantine: QuarantineSettings = field(default_factory=QuarantineSettings)
     base_dir: Path = Path(".")
 
     @property
@@ -106,6 +123,12 @@ def _name(key: str, value: Any) -> str:
     if not _NAME.match(text):
         raise ConfigError(key, f"{text!r} is not a valid name (letters, digits, . _ -; at most 64)")
     return text
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, f"expected a whole number >= 1, got {value!r}")
+    return value
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -193,10 +216,22 @@ def parse_pipeline(raw: dict[str, Any], base_dir: Path) -> PipelineSettings:
     default = _string("tenants.default", tenants_raw.get("default", ""), empty=True)
     if default:
         _name("tenants.default", default)
+        if default == NO_TENANT:
+            raise ConfigError("tenants.default", f"{NO_TENANT!r} is reserved for devices without a tenant")
+    source = tenants_raw.get("source", "none")
+    if not (isinstance(source, str) and source.startswith("cert:")):
+        source = _choice("tenants.source", source, ("none", "cert-o", "cert-ou", "registry", "cert:NAME"))
+    attribute_oid("tenants.source", source)  # a cert:NAME must name a known attribute or be an OID
     tenants = TenantSettings(
-        source=_choice("tenants.source", tenants_raw.get("source", "none"), ("none", "cert-o", "cert-ou",
-                                                                            "registry")),  # type: ignore[arg-type]
+        source=source,
         default=default, prefixes=tuple((str(k), str(v)) for k, v in prefixes.items()))
+
+    quarantine_raw = _table("quarantine", raw.get("quarantine", {}))
+    _known("quarantine", quarantine_raw, ("max_rows", "max_bytes"))
+    defaults = QuarantineSettings()
+    quarantine = QuarantineSettings(
+        max_rows=_positive_int("quarantine.max_rows", quarantine_raw.get("max_rows", defaults.max_rows)),
+        max_bytes=_positive_int("quarantine.max_bytes", quarantine_raw.get("max_bytes", defaults.max_bytes)))
 
     routing = _table("routing", raw.get("routing", {}))
     _known("routing", routing, ("unmatched",))
@@ -243,4 +278,4 @@ def parse_pipeline(raw: dict[str, Any], base_dir: Path) -> PipelineSettings:
                                     decode=decode, encode=encode, transforms=tuple(chain), continue_=cont))
     return PipelineSettings(routes=tuple(routes), unmatched=unmatched,  # type: ignore[arg-type]
                             transforms=tuple(transforms), versions=tuple(versions), tenants=tenants,
-                            base_dir=base_dir)
+                            quarantine=quarantine, base_dir=base_dir)

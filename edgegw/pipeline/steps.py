@@ -25,7 +25,8 @@ from edgegw.pipeline.expr import ExprError, compile_expr
 from edgegw.pipeline.units import linear
 
 MAX_STATE_DEVICES = 100_000
-"""Deadband / downsample remember this many devices per step, then start over (memory stays bounded)."""
+"""Deadband / downsample remember this many (device, topic) pairs per step; past it the least recently stored
+one is forgotten (memory stays bounded; a forgotten pair's next message simply goes through)."""
 
 
 class StepError(EdgegwError):
@@ -59,6 +60,40 @@ class Context:
     received_at: float
     device: Mapping[str, Any]
     """The device's registry entry (``group``, ``tenant``, metadata keys such as ``site``, ``model``); {} if none."""
+    staged: list[Staged] | None = None
+    """Deadband/downsample memory changes of this message, applied by the engine only once its records are
+    committed (a message whose commit fails must not count as "sent": the device resends it). None: at once."""
+
+    def recall(self, state: dict[tuple[str, str], float], key: tuple[str, str]) -> float | None:
+        """What ``state`` holds for ``key``, this message's own staged changes included (a split record's items)."""
+        staged = self.staged
+        if staged:
+            for st, k, value in reversed(staged):
+                if st is state and k == key:
+                    return value
+        return state.get(key)
+
+    def remember(self, state: dict[tuple[str, str], float], key: tuple[str, str], value: float) -> None:
+        if self.staged is None:
+            keep(state, key, value)
+        else:
+            self.staged.append((state, key, value))
+
+
+Staged = tuple[dict[tuple[str, str], float], tuple[str, str], float]
+
+
+def keep(state: dict[tuple[str, str], float], key: tuple[str, str], value: float) -> None:
+    """Store ``value`` for ``key``, forgetting the least recently stored key past :data:`MAX_STATE_DEVICES`."""
+    state.pop(key, None)  # re-inserted last: dict order is then least recently stored first
+    state[key] = value
+    if len(state) > MAX_STATE_DEVICES:
+        del state[next(iter(state))]
+
+
+def apply_staged(staged: list[Staged]) -> None:
+    for state, key, value in staged:
+        keep(state, key, value)
 
 
 Step = Callable[[Any, Context], Any]
@@ -280,31 +315,29 @@ def compile_step(key: str, spec: Mapping[str, Any], base_dir: Path) -> tuple[Ste
         delta = _number(f"{key}.delta", need("delta"))
         if delta < 0:
             raise ConfigError(f"{key}.delta", f"must be >= 0, got {delta}")
-        last: dict[str, float] = {}
+        last: dict[tuple[str, str], float] = {}  # (device, topic): one device's topics are separate signals
 
         def deadband(data: Any, ctx: Context) -> Any:
             value = _number_of(_need_map(data, "deadband"), name, "deadband")
             if value is None:
                 return data  # nothing to compare: let it through
-            previous = last.get(ctx.device_id)
+            key = (ctx.device_id, ctx.topic)
+            previous = ctx.recall(last, key)
             if previous is not None and abs(value - previous) <= delta:
                 return DROP
-            if len(last) >= MAX_STATE_DEVICES:
-                last.clear()
-            last[ctx.device_id] = value
+            ctx.remember(last, key, value)
             return data
         return deadband, False
     if op == "downsample":
         interval = _number(f"{key}.interval", need("interval"), positive=True)
-        sent: dict[str, float] = {}
+        sent: dict[tuple[str, str], float] = {}
 
         def downsample(data: Any, ctx: Context) -> Any:
-            previous = sent.get(ctx.device_id)
+            key = (ctx.device_id, ctx.topic)
+            previous = ctx.recall(sent, key)
             if previous is not None and 0 <= ctx.received_at - previous < interval:
                 return DROP
-            if len(sent) >= MAX_STATE_DEVICES:
-                sent.clear()
-            sent[ctx.device_id] = ctx.received_at
+            ctx.remember(sent, key, ctx.received_at)
             return data
         return downsample, False
     if op == "enrich":

@@ -1,7 +1,8 @@
 """Which tenant a device belongs to, and what the registry knows about it (for ``enrich``).
 
-``[tenants] source``: ``cert-o`` / ``cert-ou`` read the Organization / Organizational Unit of the device's verified
-client certificate (resolved once per certificate: cached by device id and serial); ``registry`` reads the
+``[tenants] source``: ``cert-o`` / ``cert-ou`` / ``cert:NAME`` read the Organization / Organizational Unit / any
+subject attribute (edgegw/policy/certattrs.py) of the device's verified client certificate, over MQTT, coaps+tcp
+and DTLS alike (resolved once per certificate: cached by device id and serial); ``registry`` reads the
 ``tenant`` column of the device registry; ``none`` means no tenants. A device without one gets ``tenants.default``.
 A tenant must be usable as one topic level (no ``/``, ``+``, ``#``, NUL, not empty): anything else counts as none,
 so a crafted certificate cannot widen or move its namespace.
@@ -20,7 +21,8 @@ from typing import Any
 
 import structlog
 
-from edgegw.pipeline.settings import TenantSettings
+from edgegw.pipeline.settings import NO_TENANT, TenantSettings
+from edgegw.policy.certattrs import attribute_oid, subject_value
 
 log = structlog.get_logger("edgegw.pipeline")
 
@@ -31,7 +33,8 @@ _EMPTY: Mapping[str, Any] = {}
 
 
 def safe_tenant(value: str | None) -> str:
-    if not value or "/" in value or "+" in value or "#" in value or "\x00" in value or len(value) > 128:
+    if (not value or "/" in value or "+" in value or "#" in value or "\x00" in value or len(value) > 128
+            or value == NO_TENANT):
         return ""
     return value
 
@@ -89,7 +92,7 @@ class TenantResolver:
         self.default = safe_tenant(settings.default)
         self._registry = registry
         self._by_cert: dict[tuple[str, str], str] = {}
-        self._attribute = {"cert-o": "organizationName", "cert-ou": "organizationalUnitName"}.get(settings.source)
+        self._oid = attribute_oid("tenants.source", settings.source)  # None: not from the certificate
 
     def tenant(self, device_id: str, serial: str, peercert: Any) -> str:
         """``peercert``: a callable returning ``SSLObject.getpeercert()`` (called once per certificate) or None."""
@@ -102,7 +105,7 @@ class TenantResolver:
         if cached is not None:
             return cached
         cert = peercert() if peercert is not None else None
-        tenant = safe_tenant(tenant_from_peercert(cert, self._attribute or "")) or self.default
+        tenant = safe_tenant(subject_value(cert, self._oid or "")) or self.default
         if serial:  # the lab listener has no certificate: nothing to cache by
             if len(self._by_cert) >= _CACHE_MAX:
                 self._by_cert.clear()
@@ -111,9 +114,6 @@ class TenantResolver:
 
 
 def tenant_from_peercert(peercert: Mapping[str, Any] | None, attribute: str) -> str | None:
-    """The single value of ``attribute`` (e.g. ``organizationName``) in the certificate subject; None when absent
-    or ambiguous (two values would make the tenant depend on an order)."""
-    if not peercert:
-        return None
-    values = [value for rdn in peercert.get("subject", ()) for (key, value) in rdn if key == attribute]
-    return values[0] if len(values) == 1 else None
+    """The single value of ``attribute`` (a name such as ``organizationName`` or ``OU``, or an OID) in the
+    certificate subject; None when absent or ambiguous (two values would make the tenant depend on an order)."""
+    return subject_value(peercert, attribute_oid("attribute", f"cert:{attribute}") or "")

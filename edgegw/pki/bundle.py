@@ -6,9 +6,14 @@ A bundle (folder ``OUT/<id>/`` or file ``OUT/<id>.tar.gz``) holds everything a d
     device.key    its private key (0600)
     chain.pem     the certificate followed by the intermediate, if any: what the device presents
     ca.crt        the trust anchor that verifies the gateway's certificate (the root with an intermediate PKI)
-    settings.json host, ports, client id, topic, file names
-    mqtt.sh       a ready mosquitto_pub command line
-    coap.sh       a ready coap-client-openssl command line (CoAP ingress does not exist yet: untested)
+    settings.json host, ports, client id, topic, CoAP path, file names
+    mqtt.sh       a ready mosquitto_pub command line (MQTT over TLS)
+    coap.sh       a ready coap-client-openssl command line (CoAP over TLS, coaps+tcp)
+    coap-dtls.sh  the same over DTLS (coaps, UDP)
+
+The scripts run as they are against a gateway with ``[coap] enabled`` (and ``dtls = true``); tests/
+test_provisioning.py runs them. CoAP paths are relative to the device's namespace (``/ps/telemetry`` publishes to
+``devices/<id>/telemetry``, docs/COAP.md).
 """
 
 from __future__ import annotations
@@ -31,17 +36,34 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from edgegw.errors import PKIError
-from ._store import CA_CERT, CLIENTS_DIR, KEY_MODE, ROOT_CERT, CertPaths, check_name, refuse_existing, write_file
+
 from ._keys import KEY_TYPES, hash_for, key_pem, new_key
+from ._store import (
+    CA_CERT,
+    CLIENTS_DIR,
+    KEY_MODE,
+    ROOT_CERT,
+    CertPaths,
+    check_name,
+    refuse_existing,
+    write_file,
+)
 from .ca import issue_devices
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceRow:
+    """One CSV line; a field is None when its column is absent, so re-issuing from an id-only CSV (renewal) keeps
+    what the registry holds."""
+
     id: str
-    group: str
-    tenant: str
-    metadata: dict[str, Any]
+    group: str | None
+    tenant: str | None
+    metadata: dict[str, Any] | None
+
+    def registry_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in (("group", self.group), ("tenant", self.tenant), ("metadata", self.metadata))
+                if v is not None}
 
 
 def read_csv(path: Path) -> list[DeviceRow]:
@@ -51,7 +73,8 @@ def read_csv(path: Path) -> list[DeviceRow]:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "id" not in reader.fieldnames:
             raise PKIError(f"{path}: the first line must be a header with an 'id' column (id,group,tenant,metadata)")
-        unknown = set(reader.fieldnames) - {"id", "group", "tenant", "metadata"}
+        columns = set(reader.fieldnames)
+        unknown = columns - {"id", "group", "tenant", "metadata"}
         if unknown:
             raise PKIError(f"{path}: unknown column(s) {', '.join(sorted(unknown))}")
         for n, row in enumerate(reader, start=2):
@@ -67,9 +90,13 @@ def read_csv(path: Path) -> list[DeviceRow]:
                 raise PKIError(f"{path}:{n}: metadata is not JSON: {exc}") from None
             if not isinstance(metadata, dict):
                 raise PKIError(f"{path}:{n}: metadata must be a JSON object, got {raw_meta!r}")
-            rows.append(DeviceRow(device_id, (row.get("group") or "").strip(), (row.get("tenant") or "").strip(),
-                                  metadata))
+            rows.append(DeviceRow(device_id, _cell(row, columns, "group"), _cell(row, columns, "tenant"),
+                                  metadata if "metadata" in columns else None))
     return rows
+
+
+def _cell(row: dict[str, str | None], columns: set[str], column: str) -> str | None:
+    return (row.get(column) or "").strip() if column in columns else None
 
 
 class Progress:
@@ -94,11 +121,13 @@ class Progress:
 
 
 def batch_issue(pki_dir: Path, csv_path: Path, out: Path, *, host: str, mqtt_port: int = 8883,
-                coap_port: int = 5684, tar: bool = False, days: int = 825, key_type: str = "ec",
-                force: bool = False, progress: Progress | None = None) -> list[dict[str, str]]:
+                coap_port: int = 5684, coap_dtls_port: int = 5684, tar: bool = False, days: int = 825,
+                key_type: str = "ec", force: bool = False,
+                progress: Progress | None = None) -> list[dict[str, str]]:
     """Issue, register (group, tenant, metadata) and bundle every device of ``csv_path``. All ids are checked
     before anything is written."""
     pki_dir, out = Path(pki_dir), Path(out)
+    _check_target(host, {"--mqtt-port": mqtt_port, "--coap-port": coap_port, "--coap-dtls-port": coap_dtls_port})
     rows = read_csv(csv_path)
     if not rows:
         raise PKIError(f"{csv_path}: no devices")
@@ -116,34 +145,57 @@ def batch_issue(pki_dir: Path, csv_path: Path, out: Path, *, host: str, mqtt_por
     written: list[dict[str, str]] = []
 
     def on_issued(device_id: str, paths: CertPaths) -> None:
-        target = _write_bundle(out, device_id, paths, anchor_pem, host, mqtt_port, coap_port, tar)
+        target = _write_bundle(out, device_id, paths, anchor_pem, host, (mqtt_port, coap_port, coap_dtls_port), tar)
         written.append({"id": device_id, "bundle": str(target)})
         progress.step(device_id)
 
-    fields = {r.id: {"group": r.group, "tenant": r.tenant, "metadata": r.metadata} for r in rows}
+    fields = {r.id: r.registry_fields() for r in rows}
     issue_devices(pki_dir, [r.id for r in rows], days=days, key_type=key_type, force=force, on_issued=on_issued,
                   registry_fields=fields)
     return written
 
 
-def _write_bundle(out: Path, device_id: str, paths: CertPaths, anchor_pem: bytes, host: str, mqtt_port: int,
-                  coap_port: int, tar: bool) -> Path:
+def _check_target(host: str, ports: dict[str, int]) -> None:
+    # The host goes into shell scripts and URIs: a typo must fail here, not in a device's first connection.
+    if not host or any(c.isspace() or c in "/'\"\\$`;&|<>()[]{}" for c in host.strip("[]")):
+        raise PKIError(f"invalid --host {host!r}: a host name or IP address")
+    for flag, port in ports.items():
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise PKIError(f"invalid {flag} {port!r}: must be 1 .. 65535")
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _write_bundle(out: Path, device_id: str, paths: CertPaths, anchor_pem: bytes, host: str,
+                  ports: tuple[int, int, int], tar: bool) -> Path:
+    mqtt_port, coap_port, coap_dtls_port = ports
     chain = paths.cert.read_bytes()
     leaf = x509.load_pem_x509_certificate(chain).public_bytes(serialization.Encoding.PEM)
     topic = f"devices/{device_id}/telemetry"
+    # CoAP publishes are relative to the device's own namespace: /ps/telemetry -> devices/<id>/telemetry.
+    coap_path = "/ps/telemetry"
     settings = {"id": device_id, "host": host, "mqtt_port": mqtt_port, "coap_port": coap_port,
-                "client_id": device_id, "topic": topic, "cert": "device.crt", "chain": "chain.pem",
-                "key": "device.key", "ca": "ca.crt"}
+                "coap_dtls_port": coap_dtls_port, "client_id": device_id, "topic": topic, "coap_path": coap_path,
+                "cert": "device.crt", "chain": "chain.pem", "key": "device.key", "ca": "ca.crt"}
     mqtt = (f"mosquitto_pub -h {shlex.quote(host)} -p {mqtt_port} --cafile ca.crt --cert chain.pem "
             f"--key device.key -i {shlex.quote(device_id)} -q 1 -t {shlex.quote(topic)} -m '{{\"hello\":1}}'")
-    coap = (f"coap-client-openssl -B 5 -c chain.pem -j device.key -C ca.crt -m post -t json "
-            f"-e '{{\"hello\":1}}' coaps+tcp://{host}:{coap_port}/ps/{topic}")
-    script = "#!/bin/sh\n# Run from this folder.\ncd \"$(dirname \"$0\")\" || exit 1\n"
+    coap = ("coap-client-openssl -B 5 -c chain.pem -j device.key -C ca.crt -m post -t json "
+            "-e '{\"hello\":1}' ")
+    uri = _uri_host(host)
+    script = "#!/bin/sh\n# Run from anywhere; extra arguments are passed on.\ncd \"$(dirname \"$0\")\" || exit 1\n"
+    # libcoap (4.3) sends only the first certificate of chain.pem: with an intermediate CA the gateway's tls.ca
+    # must hold it (ca-chain.pem), or the handshake fails with "unable to get local issuer certificate".
+    coap_note = "# coap-client-openssl exits 0 even when nothing was sent: read its output (empty = 2.01).\n"
     files: list[tuple[str, bytes, int]] = [
         ("device.crt", leaf, 0o644), ("device.key", paths.key.read_bytes(), KEY_MODE), ("chain.pem", chain, 0o644),
         ("ca.crt", anchor_pem, 0o644), ("settings.json", (json.dumps(settings, indent=2) + "\n").encode(), 0o644),
         ("mqtt.sh", f"{script}exec {mqtt} \"$@\"\n".encode(), 0o755),
-        ("coap.sh", (f"{script}# UNTESTED: edgegw has no CoAP ingress yet.\nexec {coap} \"$@\"\n").encode(), 0o755),
+        ("coap.sh", (f"{script}{coap_note}exec {coap}\"$@\" "
+                     f"{shlex.quote(f'coaps+tcp://{uri}:{coap_port}{coap_path}')}\n").encode(), 0o755),
+        ("coap-dtls.sh", (f"{script}{coap_note}exec {coap}\"$@\" "
+                          f"{shlex.quote(f'coaps://{uri}:{coap_dtls_port}{coap_path}')}\n").encode(), 0o755),
     ]
     out.mkdir(parents=True, exist_ok=True)
     if tar:
@@ -196,7 +248,9 @@ def add_bundle_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     batch.add_argument("--host", dest="pki_host", required=True,
                        help="the gateway host name devices connect to (a SAN of its server certificate)")
     batch.add_argument("--mqtt-port", dest="pki_mqtt_port", type=int, default=8883)
-    batch.add_argument("--coap-port", dest="pki_coap_port", type=int, default=5684)
+    batch.add_argument("--coap-port", dest="pki_coap_port", type=int, default=5684, help="coaps+tcp (coap.port)")
+    batch.add_argument("--coap-dtls-port", dest="pki_coap_dtls_port", type=int, default=5684,
+                       help="coaps over UDP (coap.dtls_port)")
     batch.add_argument("--tar", dest="pki_tar", action="store_true", help="FOLDER/ID.tar.gz instead of FOLDER/ID/")
     batch.add_argument("--days", dest="pki_days", type=_days, default=825, metavar="N")
     batch.add_argument("--key-type", dest="pki_key_type", choices=KEY_TYPES, default="ec")
@@ -216,7 +270,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
     return run(args, lambda: batch_issue(
         args.pki_dir, args.pki_csv, args.pki_out, host=args.pki_host, mqtt_port=args.pki_mqtt_port,
-        coap_port=args.pki_coap_port, tar=args.pki_tar, days=args.pki_days, key_type=args.pki_key_type,
+        coap_port=args.pki_coap_port, coap_dtls_port=args.pki_coap_dtls_port, tar=args.pki_tar, days=args.pki_days, key_type=args.pki_key_type,
         force=args.pki_force), lambda r: "".join(f"wrote {i['bundle']}\n" for i in r))
 
 

@@ -96,7 +96,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _status_text(result: dict[str, Any]) -> str:
     items = result["items"]
     if not items:
-        return f"nothing expires within {result['within_days']} days\n"
+        if result["within_days"] is None:
+            return "no certificates\n"
+        return f"nothing expires within {result['within_days']:g} days\n"
     lines = [f"{'KIND':<8} {'NAME':<40} {'NOT AFTER':<26} DAYS LEFT"]
     for i in items:
         left = "EXPIRED" if i["expired"] else f"{i['days_left']:.1f}"

@@ -160,6 +160,9 @@ def pki_status(pki_dir: Path, *, within_days: float | None = None) -> dict[str, 
     """What expires: the CAs, the CRL's nextUpdate, and the newest unrevoked certificate of every device, server
     and client (devices that are not active are skipped). ``within_days`` keeps only what expires by then."""
     pki_dir = Path(pki_dir)
+    if not (pki_dir / CA_CERT).exists():
+        # Checked first: opening the registry would create an empty registry.db in a folder that is no PKI.
+        raise PKIError(f"no CA in {pki_dir}: run `edgegw pki init {pki_dir}` first")
     now = datetime.now(UTC)
     items: list[dict[str, Any]] = []
     for kind, path in (("ca", pki_dir / CA_CERT), ("root-ca", pki_dir / ROOT_CERT)):

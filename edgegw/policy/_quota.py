@@ -124,7 +124,9 @@ class UsageStore:
         return out
 
     def save(self, rows: list[tuple[str, str, int, int]]) -> None:
-        """Upsert ``(device_id, period, messages, bytes)`` rows in one transaction (absolute values: idempotent)."""
+        """Upsert ``(device_id, period, messages, bytes)`` rows in one transaction (absolute values: idempotent).
+        Counts within a period only grow: a device whose counters the limiter forgot (past ``max_devices``) and
+        that counts from zero again never lowers what the file holds."""
         if not rows:
             return
         with self._lock:
@@ -133,7 +135,8 @@ class UsageStore:
             try:
                 conn.executemany(
                     "INSERT INTO usage (device_id, period, messages, bytes) VALUES (?, ?, ?, ?) ON CONFLICT "
-                    "(device_id, period) DO UPDATE SET messages = excluded.messages, bytes = excluded.bytes", rows)
+                    "(device_id, period) DO UPDATE SET messages = max(messages, excluded.messages),"
+                    " bytes = max(bytes, excluded.bytes)", rows)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -41,6 +41,9 @@ __all__ = ["ADMITTED", "Admission", "Classifier", "Limiter", "RegistryClasses", 
 
 log = structlog.get_logger("edgegw.limits")
 
+_TRIM_STEP = 4
+"""Usage entries looked at per new device once past ``max_devices`` (the rest waits for :meth:`Limiter.sweep`)."""
+
 Classifier = Callable[[str], tuple[str, str]]
 """device id -> (group, tenant); "" where the device has none."""
 
@@ -86,7 +89,9 @@ class Limiter:
         self._gen = 0
         self._devices: OrderedDict[str, _Device] = OrderedDict()
         self._periods = Periods.at(wall())
-        self._usage: dict[str, Usage] = {}
+        self._usage: OrderedDict[str, Usage] = OrderedDict()
+        """Least recently used first; at most about ``max_devices`` (:meth:`_trim_usage`): ids a lab peer makes up
+        must not grow it (it was pruned only when the month changed)."""
         self._pruned_day = self._periods.day
         self._dirty: set[str] = set()
         self._exhausted: set[tuple[str, str]] = set()  # (device, quota) logged this period
@@ -94,6 +99,8 @@ class Limiter:
         """(protocol, scope, limit, action taken) -> publishes/requests delayed, refused or dropped."""
         self.flushes = 0
         self.flush_failures = 0
+        self.usage_forgotten = 0
+        """Usage counters dropped from memory past ``max_devices`` (idle, already written)."""
 
     # --- the hot path ----------------------------------------------------------------------------------------
 
@@ -212,12 +219,32 @@ class Limiter:
             usage = self._usage.get(device_id)
             if usage is None:
                 usage = self._usage[device_id] = Usage(self._periods.day, self._periods.month)
+                if len(self._usage) > self.settings.max_devices:
+                    self._trim_usage(_TRIM_STEP)
+            else:
+                self._usage.move_to_end(device_id)
             dev.usage = usage
         self._devices[device_id] = dev
         self._devices.move_to_end(device_id)
         while len(self._devices) > self.settings.max_devices:
             self._devices.popitem(last=False)  # the least recently seen: it starts again with full buckets
         return dev
+
+    def _trim_usage(self, budget: int) -> None:
+        """Forget the least recently used usage counters past ``max_devices``: only those of devices without live
+        state and already written (not dirty), looking at no more than ``budget`` entries (the hot path calls this
+        with a few; :meth:`sweep`, after a flush, with all). A forgotten device that comes back counts from zero
+        in memory again; the file keeps the higher count (edgegw/policy/_quota.py), which a restart reloads."""
+        usage, devices, dirty = self._usage, self._devices, self._dirty
+        cap = self.settings.max_devices
+        for _ in range(min(budget, len(usage))):
+            if len(usage) <= cap:
+                return
+            device_id, u = usage.popitem(last=False)
+            if device_id in devices or device_id in dirty:
+                usage[device_id] = u  # in use or not written yet: kept, now at the recent end
+                continue
+            self.usage_forgotten += 1
 
     def _roll(self, wall: float) -> Periods:
         self._periods = Periods.at(wall)
@@ -247,6 +274,7 @@ class Limiter:
                      and d not in self._devices and d not in self._dirty]
             for device_id in stale:
                 del self._usage[device_id]
+        self._trim_usage(len(self._usage))  # run() calls this right after a flush: dirty entries are written
         return len(forget)
 
     @property
@@ -293,6 +321,7 @@ class Limiter:
         """At start (blocking, once): this day's and month's usage from the usage file."""
         if self._store is not None:
             self._usage.update(self._store.load(self._periods))
+            self._trim_usage(len(self._usage))
 
     def usage_of(self, device_id: str) -> Usage | None:
         return self._usage.get(device_id)

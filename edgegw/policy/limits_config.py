@@ -2,7 +2,8 @@
 
 Parsed here, not by edgegw/config.py's generic builder, because it holds arrays of tables; the rules are the same
 (strict, frozen, every error names the key, e.g. ``limits.rate[2].messages_rate``). This module imports nothing from
-edgegw but the errors, so edgegw/config.py can import it. docs/POLICY.md "Rate limits and quotas" shows examples.
+edgegw but the errors and certattrs (which imports only the errors), so edgegw/config.py can import it.
+docs/POLICY.md "Rate limits and quotas" shows examples.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from edgegw.errors import ConfigError
+from edgegw.policy.certattrs import attribute_oid
 
 Scope = Literal["device", "group", "tenant", "gateway"]
 Action = Literal["backpressure", "reject", "drop"]
@@ -85,6 +87,10 @@ class LimitsSettings:
     """Devices whose buckets are kept in memory; past it the least recently seen is forgotten (a fresh burst)."""
     idle_timeout: float = 600.0
     """A device unseen this long whose buckets have refilled is forgotten (nothing is lost: they are full)."""
+    group_source: str = "registry"
+    """Where a device's group (tier) comes from: ``registry`` (its ``group`` column), or its verified certificate:
+    ``cert-o``, ``cert-ou``, ``cert:NAME`` (any subject attribute or OID, edgegw/policy/certattrs.py); a
+    certificate without that attribute falls back to the registry's group."""
 
     @property
     def active(self) -> bool:
@@ -117,6 +123,13 @@ def limits_from_mapping(raw: Any, base_dir: Path) -> LimitsSettings:
             kwargs[key] = _integer(raw[key], f"limits.{key}", minimum=1)
     if "idle_timeout" in raw:
         kwargs["idle_timeout"] = _number(raw["idle_timeout"], "limits.idle_timeout", positive=True)
+    if "group_source" in raw:
+        source = raw["group_source"]
+        if not isinstance(source, str) or (source != "registry" and attribute_oid("limits.group_source", source)
+                                           is None):
+            raise ConfigError("limits.group_source", f"expected 'registry', 'cert-o', 'cert-ou' or 'cert:NAME', "
+                                                     f"got {source!r}")
+        kwargs["group_source"] = source
     kwargs["rate"] = tuple(_rate(item, f"limits.rate[{i}]") for i, item in enumerate(_tables(raw, "rate")))
     kwargs["quota"] = tuple(_quota(item, f"limits.quota[{i}]") for i, item in enumerate(_tables(raw, "quota")))
     _unique_names(kwargs["rate"], "limits.rate")

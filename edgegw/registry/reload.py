@@ -42,7 +42,7 @@ class _Material:
     """Everything loaded from the files, checked; building it never touches the running server."""
 
     def __init__(self, tls: TLSSettings, registry: Path | None) -> None:
-        crls = _load_crls(tls.crl, tls.ca) if tls.crl is not None else []  # first: its errors name tls.crl
+        crls = load_crls(tls.crl, tls.ca) if tls.crl is not None else []  # first: its errors name tls.crl
         self.context = _build_context(tls)
         self.server_not_after = _load_cert(tls.cert, "tls.cert").not_valid_after_utc
         self.revoked: frozenset[int] = frozenset()
@@ -80,8 +80,9 @@ def _load_cert(path: Path, key: str) -> x509.Certificate:
         raise ConfigError(key, f"cannot read {path}: {exc}") from None
 
 
-def _load_crls(path: Path, ca_path: Path) -> list[x509.CertificateRevocationList]:
-    """Every CRL in ``path`` (one per issuing CA), each checked against ``tls.ca``."""
+def load_crls(path: Path, ca_path: Path) -> list[x509.CertificateRevocationList]:
+    """Every CRL in ``path`` (one per issuing CA), each checked against ``tls.ca``: readable, signed by its CA,
+    not expired. Errors name the key (``tls.crl`` / ``tls.ca``). The MQTT and the DTLS listeners load through this."""
     marker = b"-----BEGIN X509 CRL-----"
     try:
         data = path.read_bytes()

@@ -103,6 +103,7 @@ class Registry:
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
         self.path = path
+        self._in_transaction = False
 
     @classmethod
     @contextmanager
@@ -198,7 +199,21 @@ class Registry:
                 [(now, reason, s) for s in serials])
 
     @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group many writes into one commit: each commit of the rollback journal costs several fsyncs, which made
+        issuing 1,000 devices (2 commits each) wait on the disk for most of its time. Not re-entrant."""
+        with self._tx():
+            self._in_transaction = True
+            try:
+                yield
+            finally:
+                self._in_transaction = False
+
+    @contextmanager
     def _tx(self) -> Iterator[None]:
+        if self._in_transaction:  # inside transaction(): its commit covers this write
+            yield
+            return
         try:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -5,8 +5,8 @@ Accepted layouts (see edgegw/pki/bundle.py and ``edgegw pki issue``):
 - a batch folder of bundles: ``FOLDER/<id>/chain.pem`` (or ``device.crt``), ``device.key``, ``ca.crt``;
 - a batch folder of ``FOLDER/<id>.tar.gz`` bundles (unpacked into a private temporary folder);
 - one bundle folder (``FOLDER/device.key``);
-- a PKI folder: ``FOLDER/devices/<id>.crt`` and ``.key``, anchor ``FOLDER/ca.crt`` (``root.crt`` with an
-  intermediate).
+- a PKI folder: ``FOLDER/devices/<id>.crt`` and ``.key``, anchor ``FOLDER/ca.crt`` (``root-ca.crt`` with an
+  intermediate: OpenSSL wants a chain up to a self-signed root).
 
 The SSLContext of a device is built from the files when it is needed (:func:`device_context`); the anchor's PEM is
 read once per file and handed over as ``cadata``, so a thousand devices do not parse the same file a thousand times.
@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from edgegw.errors import ConfigError
+from edgegw.pki._store import ROOT_CERT
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,7 @@ def _bundle(folder: Path, ca: Path | None, key: str) -> DeviceIdentity:
 
 
 def _pki_dir(folder: Path, ca: Path | None, key: str) -> list[DeviceIdentity]:
-    anchor = ca or next((p for p in (folder / "root.crt", folder / "ca.crt") if p.is_file()), folder / "ca.crt")
+    anchor = ca or next((p for p in (folder / ROOT_CERT, folder / "ca.crt") if p.is_file()), folder / "ca.crt")
     if not anchor.is_file():
         raise ConfigError(key, f"{folder}: no ca.crt (pass the gateway's CA with --ca)")
     return [DeviceIdentity(crt.stem, crt, crt.with_suffix(".key"), anchor)

@@ -36,7 +36,7 @@ _FLAGS: tuple[tuple[str, str, str, Any, str], ...] = (
     ("--certs", "devices", "certs", Path, "folder of `edgegw pki batch` bundles (or a PKI folder)"),
     ("--ca", "devices", "ca", Path, "the gateway's CA (default: each bundle's ca.crt)"),
     ("--devices", "devices", "count", int, "how many devices (default: every identity found)"),
-    ("--transport", "devices", "transport", str, "mqtt (default) or coap (coaps+tcp: POST /ps/...)"),
+    ("--transport", "devices", "transport", str, "mqtt (default), coap (coaps+tcp: POST /ps/...), dtls (coaps: DTLS, UDP)"),
     ("--protocol", "devices", "protocol", str, "MQTT protocol: 3.1.1 or 5"),
     ("--window", "devices", "window", int, "unacknowledged QoS 1 messages per device (default 16)"),
     ("--keepalive", "devices", "keepalive", int, "MQTT keep-alive seconds (default 60)"),

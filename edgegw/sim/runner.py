@@ -4,7 +4,7 @@ Timeline: start the devices (``devices.connect_rate`` new connections a second) 
 (at most ``run.connect_wait``) -> publish for ``run.seconds`` while chaos and bad actors run -> stop the bad actors,
 bring every device back online and let the buffered and unacknowledged messages out (at most
 ``run.drain_timeout``) -> DISCONNECT. :meth:`FleetRun.status` and :meth:`FleetRun.summary` are plain dicts, so a
-worker process can send them to its parent as JSON lines (:mod:`.multiproc`).
+worker process can send them to its parent as JSON lines (:mod:`.worker`).
 
 Everything per message happens in :class:`~edgegw.sim.device.Device` callbacks; here there is one scheduler task
 for all the devices, one chaos task and one task per bad actor.
@@ -25,6 +25,7 @@ from edgegw.sim.badactors import Actor, BadActors, protocol_level
 from edgegw.sim.certs import DeviceIdentity, device_context
 from edgegw.sim.coap_device import CoapDevice
 from edgegw.sim.device import Device, LatencySamples, SeqSet
+from edgegw.sim.dtls_device import DTLSDevice
 from edgegw.sim.payload import compile_payload
 from edgegw.sim.scenario import Scenario, Telemetry
 
@@ -81,13 +82,17 @@ class FleetRun:
     def _make_device(self, identity: DeviceIdentity, payload: Any) -> Device:
         d, target = self.scenario.devices, self.scenario.target
         # Transports differ only on the wire: a Device subclass overrides the framing hooks (see coap_device.py).
+        options: dict[str, Any] = {
+            "server_hostname": target.server_name,
+            "topic": self.scenario.telemetry.topic.format(device_id=identity.device_id), "window": d.window,
+            "keepalive": d.keepalive, "reconnect_min": d.reconnect_min, "reconnect_max": d.reconnect_max,
+            "connect_timeout": d.connect_timeout, "latencies": self.latencies, "protocol": self._protocol,
+            "payload": payload, "max_backlog": d.max_backlog}
+        if d.transport == "dtls":  # a pyOpenSSL context made from the files, no ssl.SSLContext (dtls_device.py)
+            return DTLSDevice(identity.device_id, target.host, target.port, None,
+                              dtls_files=(identity.ca, identity.cert, identity.key), **options)
         kind = CoapDevice if d.transport == "coap" else Device
-        return kind(identity.device_id, target.host, target.port, device_context(identity),
-                    server_hostname=target.server_name,
-                    topic=self.scenario.telemetry.topic.format(device_id=identity.device_id), window=d.window,
-                    keepalive=d.keepalive, reconnect_min=d.reconnect_min, reconnect_max=d.reconnect_max,
-                    connect_timeout=d.connect_timeout, latencies=self.latencies, protocol=self._protocol,
-                    payload=payload, max_backlog=d.max_backlog)
+        return kind(identity.device_id, target.host, target.port, device_context(identity), **options)
 
     def _make_actors(self, identities: Sequence[DeviceIdentity], wrong_cert_dir: Path | None,
                      victims: Sequence[str], anchor: Path | None) -> BadActors | None:

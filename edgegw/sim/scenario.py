@@ -18,9 +18,9 @@ from typing import Any
 from edgegw.errors import ConfigError
 
 PROTOCOLS = ("3.1.1", "5")
-TRANSPORTS = ("mqtt", "coap")
-"""Device transports: MQTT over TLS, CoAP over TLS (coaps+tcp, edgegw/sim/coap_device.py). DTLS devices would be a
-third :class:`~edgegw.sim.device.Device` subclass, chosen in ``edgegw/sim/runner.py`` ``_make_device``."""
+TRANSPORTS = ("mqtt", "coap", "dtls")
+"""Device transports: MQTT over TLS, CoAP over TLS (coaps+tcp, edgegw/sim/coap_device.py), CoAP over DTLS (coaps,
+UDP, edgegw/sim/dtls_device.py); chosen in ``edgegw/sim/runner.py`` ``_make_device``."""
 PROFILES = ("periodic", "jittered", "bursty")
 
 
@@ -178,9 +178,9 @@ class Scenario:
     sink: Sink = field(default_factory=Sink)
 
     def __post_init__(self) -> None:
-        if self.devices.transport == "coap":
+        if self.devices.transport in ("coap", "dtls"):
             _check(self.bad_actors.total == 0, "bad_actors", "the bad actors speak MQTT only; not with "
-                                                             "devices.transport = \"coap\"")
+                                                             f"devices.transport = \"{self.devices.transport}\"")
             _check(self.telemetry.topic.startswith("devices/{device_id}/"), "telemetry.topic",
                    "CoAP devices publish under devices/{device_id}/... (POST /ps/...), got "
                    f"{self.telemetry.topic!r}")

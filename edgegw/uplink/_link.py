@@ -223,14 +223,15 @@ class _Link(LinkBase):
         """Every connection starts a clean session upstream: subscribe to the command filter again (QoS 1).
         Over MQTT 5 with No Local (our own publishes never come back, even under a broad filter) and Retain
         Handling 2 (no retained messages at subscribe: a retained command would run again at every reconnect)."""
-        topic_filter = self.uplink._settings.command_filter
-        if not topic_filter:
+        filters = self.uplink.command_filters  # one per tenant space with [tenants] (edgegw/pipeline/commands.py)
+        if not filters:
             return
+        topic_filter = ",".join(filters)
         if self.mqtt5:
             options = SubscribeOptions(qos=1, noLocal=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
-            rc, mid = self.client.subscribe(topic_filter, options=options)
+            rc, mid = self.client.subscribe([(f, options) for f in filters])
         else:
-            rc, mid = self.client.subscribe(topic_filter, 1)
+            rc, mid = self.client.subscribe([(f, 1) for f in filters])
         self.command_mid = mid if mid is not None else -1
         if rc != _OK:
             self.set_lost(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(rc)}")
@@ -238,7 +239,7 @@ class _Link(LinkBase):
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
         if mid != self.command_mid:
             return
-        topic_filter = self.uplink._settings.command_filter
+        topic_filter = ",".join(self.uplink.command_filters)
         refused = [r for r in reasons if getattr(r, "is_failure", False)]
         if refused:
             self.uplink._log.warning("uplink.command_subscribe_refused", topic_filter=topic_filter,

@@ -305,19 +305,19 @@ class NativeLink(LinkBase, asyncio.Protocol):
         """Every connection starts a clean session upstream: subscribe to the command filter again (QoS 1).
         Over MQTT 5 with No Local (our own publishes never come back, even under a broad filter) and Retain
         Handling 2 (no retained messages at subscribe: a retained command would run again at every reconnect)."""
-        topic_filter = self.uplink._settings.command_filter
-        if not topic_filter:
+        filters = self.uplink.command_filters  # one per tenant space with [tenants] (edgegw/pipeline/commands.py)
+        if not filters:
             return
         options = (SubscriptionOptions(qos=1, no_local=True, retain_handling=2) if self.mqtt5
                    else SubscriptionOptions(qos=1))
         self.command_mid = mid = self._next_mid = self._next_mid % 0xFFFF + 1
-        self._write(encode_packet(Subscribe(mid, ((topic_filter, options),)), self.version))
+        self._write(encode_packet(Subscribe(mid, tuple((f, options) for f in filters)), self.version))
 
     def _on_suback(self, packet: Suback) -> None:
         if packet.packet_id != self.command_mid:
             return
-        topic_filter = self.uplink._settings.command_filter
-        code = packet.reason_codes[0] if packet.reason_codes else 0x80
+        topic_filter = ",".join(self.uplink.command_filters)
+        code = max(packet.reason_codes) if packet.reason_codes else 0x80
         if code >= 0x80:
             self.uplink._log.warning("uplink.command_subscribe_refused", topic_filter=topic_filter,
                                      reason=reason_name(code), code=f"0x{code:02x}")

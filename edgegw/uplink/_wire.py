@@ -115,6 +115,9 @@ def _record_properties(record: Record, carried: dict[str, Any], expiry: int | No
             raise ValueError(f"correlation data is {type(cd).__name__}, not bytes")
         body += b"\x09" + len(cd).to_bytes(2, "big") + cd
     body += _record_pairs(record)
+    tn = carried.get("tn")
+    if tn is not None:  # the tenant [tenants] resolved (edgegw/pipeline): the record keeps it upstream too
+        body += b"\x26\x00\x0dedgegw-tenant" + _utf8(tn)  # ValueError for a damaged record (quarantined)
     tp = carried.get("tp")
     if tp is not None:
         body += b"\x26\x00\x0btraceparent" + _utf8(tp)  # W3C trace context (edgegw/tracing.py)

@@ -85,6 +85,9 @@ class Uplink:
         """OpenTelemetry span hooks (edgegw.uplink: PUBLISH -> PUBACK), or None: export off."""
         self.downlink = downlink
         """Where commands from ``command_topic`` go (the daemon wires ``MQTTServer.deliver_downlink``)."""
+        self.commands: Any = None
+        """With tenants: which filters to subscribe to and which device a command topic names, tenant-aware
+        (edgegw/pipeline/commands.py ``TenantCommands``); None: ``{topic_prefix}/{device_id}/rest``."""
         self.commands_delivered = 0
         """Commands from upstream handed to a device session with a matching subscription."""
         self.commands_undeliverable = 0
@@ -343,6 +346,13 @@ class Uplink:
             limit_b = max(1024, min(limit_b, link.max_packet - 1024))
         frames = 0
         delay: float | None = None
+        linger = s.batch_linger_ms / 1000.0
+        if linger and live and len(live) < limit_n and (backfill is None or backfill.done):
+            # A trickle of live records: let the frame fill up for at most ``batch_linger_ms`` after the oldest
+            # one arrived (a poke on each commit re-runs this; a frame's worth of records goes at once).
+            waited = time.time() - live[0].received_at
+            if waited < linger:
+                return 0, linger - waited
         while frames < room:
             frame: list[tuple[Record, str, str | None]] = []
             size = 0
@@ -452,7 +462,10 @@ class Uplink:
         rt = carried.get("rt")
         if not isinstance(rt, str) or not rt:
             return None
-        mapped = upstream_topic(self._settings.topic_prefix, record.device_id, rt)
+        # With tenants, under the prefix of the record's tenant, like its topic (edgegw/pipeline/commands.py).
+        prefix = (self.commands.prefix_of(carried.get("tn")) if self.commands is not None
+                  else self._settings.topic_prefix)
+        mapped = upstream_topic(prefix, record.device_id, rt)
         if "+" in mapped or "#" in mapped:
             self._log.debug("uplink.response_topic_dropped", record_id=record.id, response_topic=rt[:200])
             return None
@@ -465,17 +478,26 @@ class Uplink:
         goes to device ``id`` as ``devices/{id}/rest``. Never raises: the read loop must go on."""
         try:
             problem = None
-            device_id = rest = ""
+            device_id = rest = device_topic = ""
             prefix = self._settings.topic_prefix + "/"
             if retain:
                 problem = "retained message"  # not a live command (Retain Handling 2 keeps these away over MQTT 5)
+            elif "+" in topic or "#" in topic:
+                problem = "invalid device id"
+            elif self.commands is not None:  # tenants: from the device's own tenant's space only
+                found = self.commands.target(topic)
+                if isinstance(found, str):
+                    problem = found
+                else:
+                    device_id, device_topic = found
             elif not topic.startswith(prefix):
                 problem = "topic outside the prefix"
             else:
                 device_id, sep, rest = topic[len(prefix):].partition("/")
+                device_topic = f"devices/{device_id}/{rest}"
                 if not device_id or not sep or not rest:
                     problem = "no device id level and rest"
-                elif "+" in topic or "#" in topic or device_id.startswith("$") or "\x00" in device_id:
+                elif device_id.startswith("$") or "\x00" in device_id:
                     problem = "invalid device id"
             if problem is None and self.downlink is None:
                 problem = "no downlink wired"
@@ -484,7 +506,6 @@ class Uplink:
                 self._log.warning("uplink.command_refused", topic=topic[:200], reason=problem)
                 return
             properties, expiry = self._command_properties(props)
-            device_topic = f"devices/{device_id}/{rest}"
             assert self.downlink is not None
             delivered = self.downlink(device_id, device_topic, payload, min(qos, 1), properties,
                                       message_expiry=expiry)
@@ -500,6 +521,13 @@ class Uplink:
             self._log.info("uplink.command_undeliverable", device_id=device_id, topic=device_topic,
                            reason="no session with a matching subscription")
 
+    @property
+    def command_filters(self) -> tuple[str, ...]:
+        """The filters the uplink subscribes to for commands (after every connect); () when the downlink is off."""
+        if self.commands is not None:
+            return tuple(self.commands.filters())
+        return (self._settings.command_filter,) if self._settings.command_filter else ()
+
     def _command_properties(self, props: Properties) -> tuple[Properties, int | None]:
         """The MQTT 5 properties a command carries down (a Response Topic ``{prefix}/{id}/rest`` is mapped back
         to ``devices/{id}/rest``, like the topic), and its Message Expiry Interval."""
@@ -511,7 +539,9 @@ class Uplink:
             if value is not None:
                 values[pid] = value
         rt = props.get(PropertyId.RESPONSE_TOPIC)
-        if isinstance(rt, str):
+        if isinstance(rt, str) and self.commands is not None:  # tenant-aware: only into the device's own space
+            values[PropertyId.RESPONSE_TOPIC] = self.commands.device_response_topic(rt)
+        elif isinstance(rt, str):
             prefix = self._settings.topic_prefix + "/"
             values[PropertyId.RESPONSE_TOPIC] = "devices/" + rt[len(prefix):] if rt.startswith(prefix) else rt
         expiry = props.get(PropertyId.MESSAGE_EXPIRY_INTERVAL)

@@ -1,0 +1,213 @@
+"""Flow control of a device connection (a mixin of :class:`~edgegw.mqtt.device.DeviceProtocol`): when reading stops
+and resumes, and the publishes held meanwhile.
+
+A publish is held, unacknowledged and with the socket no longer read, when a MQTT 3.1.1 QoS 1/2 publish meets a
+full outbox (3.1.1 has no negative acknowledgement; docs/OUTBOX.md) or a rate limit or quota asks for backpressure
+(docs/POLICY.md). What was parsed after it waits behind it, in order. Reading also pauses at ``receive_maximum``
+unacknowledged publishes and while the outbox is congested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import structlog
+
+from edgegw.errors import OutboxError
+from edgegw.mqtt.connection import (
+    ConnectionState,
+    Event,
+    MQTTConnection,
+    PublishReceived,
+)
+from edgegw.mqtt.packets import MQTT_5, NO_PROPERTIES, Properties, ReasonCode
+from edgegw.outbox._record import OutboxFull, record_size
+from edgegw.policy.limits import Limiter
+
+if TYPE_CHECKING:
+    from edgegw.mqtt.server import MQTTServer
+
+log = structlog.get_logger("edgegw.mqtt")
+
+
+class FlowControl:
+    """Holds (full outbox, rate limits) and pause/resume of reading."""
+
+    # Set by DeviceProtocol.__init__ (this class holds no state of its own).
+    server: MQTTServer
+    engine: MQTTConnection
+    transport: asyncio.Transport | None
+    device_id: str | None
+    _loop: asyncio.AbstractEventLoop
+    _paused: bool
+    _held: _Held | None
+    _admitted: PublishReceived | None
+
+    # --- 3.1.1 backpressure on a full outbox (docs/OUTBOX.md) ------------------------------------------------
+
+    def _fits(self, event: PublishReceived, record_props: bytes | None) -> bool:
+        """Could this record ever be stored? One larger than the whole byte limit never will: holding it would
+        stall the connection for good, so it is refused as before (3.1.1: closed)."""
+        assert self.device_id is not None
+        size = record_size(self.device_id, event.topic, event.publish.payload, record_props)
+        return size <= self.server._outbox.byte_limit
+
+    def _hold(self, held: _Held) -> None:
+        """Keep the refused publish unacknowledged, stop reading, and try again when the outbox has room."""
+        self._held = held
+        self.server.stats.publish_held += 1
+        self.pause(reason="outbox_full")
+        log.debug("mqtt.publish_held", device_id=self.device_id, packet_id=held.event.publish.packet_id)
+        self.server._outbox.when_room(self._retry_held)
+
+    def _retry_held(self) -> None:
+        held = self._held
+        if held is None or held.limited:
+            return
+        if self.engine.state is not ConnectionState.CONNECTED:
+            self._release_held()
+            return
+        try:
+            self._submit(held.event, held.record_props)
+        except OutboxFull:
+            # Still no room for this device (e.g. its fair share): ask again a little later, so a "room" signal
+            # that does not help this device cannot turn into a busy loop.
+            self._loop.call_later(_HOLD_RETRY, self.server._outbox.when_room, self._retry_held)
+            return
+        except OutboxError:
+            return  # the outbox is closing: the gateway is draining and closes this connection
+        self._held = None
+        log.debug("mqtt.publish_released", device_id=self.device_id, packet_id=held.event.publish.packet_id)
+        self._stored(held.event, held.fwd, held.expires_at)
+        self._process(held.rest)  # may hold again
+        if self._held is None:
+            self._maybe_resume()
+
+    def _release_held(self) -> None:
+        """The connection ended with publishes held: they were never acknowledged (the device resends them).
+        Forget their packet ids, QoS 2 ones included, so a resend on a later connection is not mistaken for one
+        being committed."""
+        held = self._held
+        if held is None or self.engine.state is not ConnectionState.CLOSED:
+            return
+        self._held = None
+        for event in (held.event, *held.rest):
+            if isinstance(event, PublishReceived) and event.publish.packet_id is not None \
+                    and self.engine.awaits_ack(event.publish.packet_id):
+                self.engine.ack_publish(event.publish.packet_id, ReasonCode.QUOTA_EXCEEDED)  # closed: sends nothing
+
+    @property
+    def held_inflight(self) -> int:
+        """QoS 1/2 publishes held back (counted in ``engine.inflight``, never submitted)."""
+        held = self._held
+        if held is None:
+            return 0
+        return sum(1 for e in (held.event, *held.rest) if isinstance(e, PublishReceived)
+                   and e.publish.packet_id is not None and self.engine.awaits_ack(e.publish.packet_id))
+
+
+    # --- rate limits and quotas (edgegw/policy/limits.py, docs/POLICY.md) -------------------------------------
+
+    def _rate_limited(self, limiter: Limiter, event: PublishReceived) -> bool:
+        """First thing for every publish: True if the limiter delayed, refused or dropped it (then nothing else
+        is done with it now).
+
+        Nothing is lost unless the rule says ``drop`` and the publish is QoS 0. ``reject`` needs a MQTT 5 QoS 1/2
+        acknowledgement to carry 0x97, and ``drop`` of a QoS 1/2 publish is refused like ``reject``; what cannot
+        be honoured (3.1.1, QoS 0 under ``reject``) becomes backpressure: the publish is held unacknowledged, the
+        socket is not read, and after the wait it is admitted again and processed, in order, before what followed.
+        """
+        if event is self._admitted:  # released by _retry_limited: its tokens are taken
+            self._admitted = None
+            return False
+        publish = event.publish
+        assert self.device_id is not None
+        admission = limiter.admit(self.device_id, len(publish.payload))
+        if not admission.wait_s:
+            return False
+        packet_id = publish.packet_id
+        if admission.action == "drop" and packet_id is None:
+            limiter.record(admission, "drop", "mqtt")
+        elif admission.action != "backpressure" and packet_id is not None and self.engine.protocol_level == MQTT_5:
+            limiter.record(admission, "reject", "mqtt")
+            self.engine.ack_publish(packet_id, ReasonCode.QUOTA_EXCEEDED)
+        else:
+            limiter.record(admission, "backpressure", "mqtt")
+            self._held = _Held(event, None, NO_PROPERTIES, None, limited=True)
+            self.pause(reason="rate_limited")
+            self._loop.call_later(_limit_wait(admission.wait_s), self._retry_limited)
+            return True
+        stats = self.server.stats  # refused or dropped: received all the same
+        stats.publish_received += 1
+        stats.publish_received_by_qos[publish.qos] += 1
+        return True
+
+    def _retry_limited(self) -> None:
+        held = self._held
+        if held is None or not held.limited:
+            return
+        if self.engine.state is not ConnectionState.CONNECTED:
+            self._release_held()
+            return
+        limiter = self.server.limiter
+        if limiter is not None:
+            assert self.device_id is not None
+            admission = limiter.admit(self.device_id, len(held.event.publish.payload))
+            if admission.wait_s:  # still over (or another device took the shared tokens): wait again
+                self._loop.call_later(_limit_wait(admission.wait_s), self._retry_limited)
+                return
+        self._held = None
+        self._admitted = held.event
+        self._on_publish(held.event)  # may be held again, by a full outbox
+        if self._held is not None:
+            self._held.rest.extend(held.rest)
+            self.flush()
+            return
+        self._process(held.rest)  # may hold again
+        if self._held is None:
+            self._maybe_resume()
+
+    # --- pause and resume of reading -----------------------------------------------------------------------
+
+    def pause(self, *, reason: str) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+            log.debug("mqtt.paused", device_id=self.device_id, reason=reason)
+
+    def _maybe_resume(self) -> None:
+        if (self._paused and self._held is None and not self.server._draining and self.transport is not None
+                and self.engine.state is ConnectionState.CONNECTED
+                and self.engine.inflight <= self.server.settings.receive_maximum // 2
+                and not self.server._outbox.congested):
+            self._paused = False
+            self.transport.resume_reading()
+
+
+_HOLD_RETRY = 0.05
+"""Seconds before a held publish that was refused again asks the outbox for room again."""
+
+_LIMIT_WAIT = (0.01, 5.0)
+"""A rate-limited device is looked at again after its wait, but not sooner than 10 ms (tokens for a batch
+accumulate: one timer per batch, not per message) nor later than 5 s (a quota raised by a reload is noticed)."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A 3.1.1 QoS 1/2 publish the full outbox refused, kept unacknowledged until it can be stored, and the events
+    parsed after it (processed, in order, once it is)."""
+
+    event: PublishReceived
+    record_props: bytes | None
+    fwd: Properties
+    expires_at: float | None
+    rest: list[Event] = field(default_factory=list)
+    limited: bool = False
+    """Held by a rate limit or quota (not yet admitted, nothing computed: released by ``_retry_limited``)."""
+
+
+def _limit_wait(wait_s: float) -> float:
+    low, high = _LIMIT_WAIT
+    return max(low, min(wait_s, high))
