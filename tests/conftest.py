@@ -567,6 +567,12 @@ def gateway_factory(tmp_path: Path, fleet: Fleet, pki: LabPKI) -> Iterator[Calla
     made: list[GatewayProcess] = []
 
     def make(broker: Mosquitto, **options: Any) -> GatewayProcess:
+        if made:
+            # A gateway id of its own (so an uplink client id of its own): gateways of one test sharing an upstream
+            # broker would otherwise take each other's upstream session over, round and round.
+            overrides = {name: dict(values) for name, values in (options.get("overrides") or {}).items()}
+            overrides["gateway"] = {"id": f"gw-test-{len(made)}", **overrides.get("gateway", {})}
+            options = {**options, "overrides": overrides}
         gw = GatewayProcess(tmp_path / f"gw{len(made)}", fleet, pki, broker, **options)
         made.append(gw)
         return gw

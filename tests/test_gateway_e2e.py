@@ -52,8 +52,9 @@ class Device:
 
     @property
     def acked(self) -> list[int]:
-        """Seq numbers whose PUBACK arrived (paho marks a QoS 1 message published only then)."""
-        return [seq for seq, info in list(self._sent) if info.is_published()]
+        """Seq numbers whose PUBACK arrived (paho marks a QoS 1 message published only then). A publish attempted
+        after the connection dropped has a failure rc (is_published() would raise): never acknowledged."""
+        return [seq for seq, info in list(self._sent) if info.rc == 0 and info.is_published()]
 
     def connect(self, timeout: float = 5.0) -> Device:
         self.client.connect("127.0.0.1", self.gw.port, keepalive=30)
