@@ -20,7 +20,7 @@ TRACEPARENT = "traceparent"
 PAYLOAD_SCAN_MAX = 4096
 """JSON payloads longer than this are not parsed for a ``traceparent`` field."""
 
-_randbytes = random.Random().randbytes  # its own generator, seeded from os.urandom
+_getrandbits = random.Random().getrandbits  # its own generator, seeded from os.urandom
 _HEX = frozenset("0123456789abcdef")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
@@ -29,7 +29,7 @@ _ZERO_SPAN = "0" * 16
 def new_traceparent() -> str:
     """``00-{32 hex}-{16 hex}-01`` from 24 random bytes. Python's Mersenne Twister (seeded from the OS at start),
     not ``os.urandom``: a trace id must be unique, not secret, and the syscall per message costs twice as much."""
-    h = _randbytes(24).hex()
+    h = _getrandbits(192).to_bytes(24, "little").hex()  # Random.randbytes(24), without its Python frame
     if h[:32] == _ZERO_TRACE or h[32:] == _ZERO_SPAN:  # all-zero ids are invalid (never in practice)
         return new_traceparent()
     return f"00-{h[:32]}-{h[32:]}-01"

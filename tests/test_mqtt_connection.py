@@ -369,6 +369,28 @@ def test_invalid_topic_name_closes(topic: str) -> None:
     assert conn.data_to_send() == b"\xe0\x02\x90\x00"
 
 
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+@pytest.mark.parametrize("topic", ["", "a/+/b", "a/#", "a/b/c"])
+def test_invalid_topic_after_valid_ones_closes(version: int, topic: str) -> None:
+    # The engine checks a topic name once while the device keeps publishing to it (connection._valid_topic):
+    # any other one is checked again.
+    conn = connected(version, max_topic_levels=2)
+    ok = Publish("a/b", b"x")
+    for _ in range(2):
+        assert conn.receive_data(enc(ok, version)) == [PublishReceived(ok, "a/b")]
+    closed = closed_event(conn.receive_data(enc(Publish(topic, b"x"), version)))
+    assert closed.reason_code is ReasonCode.TOPIC_NAME_INVALID
+
+
+def test_misplaced_property_in_publish_is_malformed() -> None:
+    # PUBLISH takes the engine's shortcut past decode_packet: the MQTT 5 §2.2.2.2 check still applies.
+    conn = connected(MQTT_5)
+    p = Publish("t", b"x", qos=1, packet_id=1, properties=Properties({PropertyId.SESSION_EXPIRY_INTERVAL: 5}))
+    closed = closed_event(conn.receive_data(enc(p, MQTT_5)))
+    assert closed.reason_code is ReasonCode.MALFORMED_PACKET
+    assert conn.inflight == 0
+
+
 def test_publish_properties_reach_the_shell() -> None:
     conn = connected(MQTT_5)
     props = Properties({PropertyId.CONTENT_TYPE: "application/json"}, user=(("k", "v"),))

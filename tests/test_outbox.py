@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from edgegw.config import OutboxSettings
 from edgegw.errors import OutboxError
-from edgegw.outbox.store import Outbox
+from edgegw.outbox.store import PRIORITY_ALARM, PRIORITY_TELEMETRY, Outbox, Record
 
 
 def settings(tmp_path: Path, **kw: object) -> OutboxSettings:
@@ -232,3 +233,14 @@ async def test_version_1_file_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(target) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+
+
+def test_record_is_frozen_with_its_own_constructor() -> None:
+    record = Record(7, "d", "devices/d/t", b"p", 1, 12.5)
+    assert record == Record(id=7, device_id="d", topic="devices/d/t", payload=b"p", qos=1, received_at=12.5,
+                            properties=None, priority=PRIORITY_TELEMETRY)
+    assert (record.properties, record.priority, record.size) == (None, PRIORITY_TELEMETRY, 1 + 11 + 1 + 64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.id = 8  # type: ignore[misc]
+    assert dataclasses.replace(record, priority=PRIORITY_ALARM).priority == PRIORITY_ALARM
+    assert hash(record) == hash(Record(7, "d", "devices/d/t", b"p", 1, 12.5))

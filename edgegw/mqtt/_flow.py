@@ -161,6 +161,7 @@ class FlowControl:
         self._held = None
         self._admitted = held.event
         self._on_publish(held.event)  # may be held again, by a full outbox
+        self._admitted = None  # taken by _rate_limited, or never looked at (limits turned off by a reload meanwhile)
         if self._held is not None:
             self._held.rest.extend(held.rest)
             self.flush()

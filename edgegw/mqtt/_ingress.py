@@ -54,28 +54,34 @@ class PublishIngress:
     _allowed_by: ACL | None
 
     def _on_publish(self, event: PublishReceived) -> None:
-        limiter = self.server.limiter
-        if limiter is not None and self._rate_limited(limiter, event):
+        # Runs once per device message: the checks for features that are off (limits, properties, trace context
+        # in the payload) are each one test here, before any call.
+        server = self.server
+        limiter = server.limiter
+        if limiter is not None and limiter.active and self._rate_limited(limiter, event):
             return
         device_id = self.device_id
         assert device_id is not None
         publish = event.publish
-        stats = self.server.stats
+        stats = server.stats
         stats.publish_received += 1
         stats.publish_received_by_qos[publish.qos] += 1
         props = publish.properties
         # W3C trace context (edgegw/tracing.py): the device's, else a new one. Cheap: a scan of the user
-        # properties, a JSON parse only for a small "{" payload that names the field.
+        # properties, a JSON parse only for a small "{" payload that names the field (tested here first, so a
+        # payload without it costs no call).
         tp = None
-        if props and props.user:
+        if props.user:
             tp = from_user_properties(props.user)
         if tp is None:
             payload = publish.payload
-            if payload[:1] == b"{":
+            if payload[:1] == b"{" and b'"traceparent"' in payload:
                 tp = from_payload(payload)
             if tp is None:
                 tp = new_traceparent()
-        if not self._may_publish(device_id, event.topic):
+        topic = event.topic
+        # The ACL cache's hit (a topic this connection was allowed under the current ACL) without a call.
+        if not (self._allowed_by is self.acl and topic in self._allowed) and not self._may_publish(device_id, topic):
             stats.publish_denied += 1
             log.warning("mqtt.publish_denied", device_id=device_id, topic=event.topic, reason="acl",
                         trace_id=tp[3:35])
@@ -88,7 +94,7 @@ class PublishIngress:
             return
         fwd = NO_PROPERTIES
         expires_at = None
-        if props:
+        if props is not NO_PROPERTIES and props:
             if props.values.get(PropertyId.PAYLOAD_FORMAT_INDICATOR) == 1 and not _is_utf8(publish.payload):
                 self._refuse_publish(publish.packet_id, ReasonCode.PAYLOAD_FORMAT_INVALID, "payload is not UTF-8",
                                      tp[3:35])
@@ -136,7 +142,8 @@ class PublishIngress:
         """Into the outbox; raises OutboxError (OutboxFull) when it may not be stored."""
         publish = event.publish
         assert self.device_id is not None
-        pipeline = self.server.pipeline
+        server = self.server
+        pipeline = server.pipeline
         if pipeline is not None:  # routes/transforms/tenants configured (edgegw/pipeline): 0..n records, one ack
             serial = self.identity.serial if self.identity is not None else ""
             tenant = pipeline.tenants.tenant(self.device_id, serial, self._peercert)
@@ -150,21 +157,16 @@ class PublishIngress:
             if spans is not None and first is not None:
                 spans.append(first)
             return
-        otel = self.server.otel
+        packet_id = publish.packet_id
+        on_commit = None if packet_id is None else functools.partial(self._committed, packet_id, publish.qos)
+        otel = server.otel
         if otel is not None and tp is not None:  # span export on (edgegw.ingress: arrival -> commit)
-            on_commit = (None if publish.packet_id is None
-                         else functools.partial(self._committed, publish.packet_id, publish.qos))
             on_commit, holder = otel.ingress(tp, on_commit)
-            holder.append(self.server._outbox.submit(self.device_id, event.topic, publish.payload,
-                                                     0 if publish.packet_id is None else publish.qos,
-                                                     on_commit, record_props))
+            holder.append(server._outbox.submit(self.device_id, event.topic, publish.payload,
+                                                0 if packet_id is None else publish.qos, on_commit, record_props))
             return
-        if publish.packet_id is None:
-            self.server._outbox.submit(self.device_id, event.topic, publish.payload, 0, properties=record_props)
-        else:
-            self.server._outbox.submit(self.device_id, event.topic, publish.payload, publish.qos,
-                                       functools.partial(self._committed, publish.packet_id, publish.qos),
-                                       record_props)
+        server._outbox.submit(self.device_id, event.topic, publish.payload, 0 if packet_id is None else publish.qos,
+                              on_commit, record_props)
 
     def _peercert(self) -> dict | None:
         """The verified client certificate (for a tenant from its O/OU); None on the lab listener."""
@@ -197,19 +199,22 @@ class PublishIngress:
             self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
 
     def _committed(self, packet_id: int, qos: int, ok: bool) -> None:
-        reason = ReasonCode.SUCCESS if ok else ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
+        engine = self.engine
+        server = self.server
         if ok:
-            self.engine.ack_publish(packet_id)
-            stats = self.server.stats
+            reason = ReasonCode.SUCCESS
+            engine.ack_publish(packet_id)
+            stats = server.stats
             stats.publish_acked += 1
             stats.publish_acked_by_qos[qos] += 1
         else:
             # Not durable, so not acknowledged: the device keeps the message and resends after reconnecting.
-            self.engine.ack_publish(packet_id, reason)
-            if self.engine.state is ConnectionState.CONNECTED:
-                self._log_closed(self.engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "outbox commit failed"))
-        self.server.flush_soon(self)
-        if self.engine.state is ConnectionState.CLOSED and self.session_key is not None:
+            reason = ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
+            engine.ack_publish(packet_id, reason)
+            if engine.state is ConnectionState.CONNECTED:
+                self._log_closed(engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "outbox commit failed"))
+        server.flush_soon(self)
+        if engine.state is ConnectionState.CLOSED and self.session_key is not None:
             # The device may already be back on a new connection of the same session and have resent this QoS 2
             # message, which that connection adopted (no second record): it gets the PUBREC now.
             live = self.server.devices.get(self.session_key)

@@ -422,7 +422,9 @@ def _decode_connect(first: int, body: memoryview, _version: int) -> Connect:
     return Connect(level, client_id, bool(flags & 0x02), keepalive, username, password, will, props, protocol_name)
 
 
-def _decode_publish(first: int, body: memoryview, version: int) -> Publish:
+def decode_publish(first: int, body: memoryview, version: int) -> Publish:
+    """A PUBLISH (``first >> 4 == 3``). Public for the engine's hot path, which calls it without
+    :func:`decode_packet`'s dispatch."""
     # The hot path of the gateway (one call per device message): fields read by index rather than through a
     # Reader; the same checks and errors as Reader.utf8 / u16.
     qos = (first >> 1) & 0x03
@@ -592,7 +594,7 @@ def _decode_unsuback(first: int, body: memoryview, version: int) -> Unsuback:
 _DECODERS: dict[int, Callable[[int, memoryview, int], Packet]] = {
     PacketType.CONNECT: _decode_connect,
     PacketType.CONNACK: _decode_connack,
-    PacketType.PUBLISH: _decode_publish,
+    PacketType.PUBLISH: decode_publish,
     PacketType.PUBACK: _ack_decoder(Puback, 0),
     PacketType.PUBREC: _ack_decoder(Pubrec, 0),
     PacketType.PUBREL: _ack_decoder(Pubrel, 0x02),  # MQTT-3.6.1-1

@@ -26,6 +26,7 @@ from edgegw.mqtt.codec import (
     MalformedPacket,
     MQTTProtocolError,
     decode_packet,
+    decode_publish,
     encode_packet,
     encode_puback_ok,
     encode_publish,
@@ -39,6 +40,7 @@ from edgegw.mqtt.packets import (
     Connect,
     Disconnect,
     Packet,
+    PacketType,
     Pingreq,
     Pingresp,
     Properties,
@@ -74,9 +76,11 @@ class ConnectRequested:
     connect: Connect
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PublishReceived:
-    """A PUBLISH that is new to this connection. At QoS 1/2 the shell must answer with :meth:`ack_publish`."""
+    """A PUBLISH that is new to this connection. At QoS 1/2 the shell must answer with :meth:`ack_publish`.
+
+    Treated as immutable, but not frozen: one per device message (see :class:`~edgegw.mqtt.packets.Publish`)."""
 
     publish: Publish
     topic: str  # after topic-alias resolution (MQTT 5 §3.3.2.3.4)
@@ -102,6 +106,8 @@ class ConnectionClosed:
 
 
 Event = ConnectRequested | PublishReceived | SubscribeRequested | UnsubscribeRequested | ConnectionClosed
+
+_PUBLISH = PacketType.PUBLISH.value  # a plain int: compared once per received packet
 
 # Protocol levels we can say a CONNACK in, to refuse a version cleanly (MQTT-3.1.2-2).
 _SUPPORTED_LEVELS = (MQTT_311, MQTT_5)
@@ -142,6 +148,9 @@ class MQTTConnection:
         self._requested_session_expiry = 0
         self._keepalive_overridden = False
         self._aliases: dict[int, str] = {}  # client -> server topic aliases (MQTT 5 §3.3.2.3.4), per connection
+        # The last topic name that passed topic_problem (whose limits are fixed per connection); None at first, so an
+        # empty topic name is checked (and refused) like any other.
+        self._valid_topic: str | None = None
         self._out: list[bytes] = []
         # Packet ids of QoS 1/2 publishes handed to the shell and not yet acknowledged, with their QoS.
         self._awaiting_ack: dict[int, int] = {}
@@ -166,11 +175,24 @@ class MQTTConnection:
 
     def pending_events(self) -> list[Event]:
         events: list[Event] = []
+        frames = self._frames
         try:
-            while self.state in (ConnectionState.AWAIT_CONNECT, ConnectionState.CONNECTED):
-                frame = self._frames.next_frame()
+            while (state := self.state) is ConnectionState.CONNECTED or state is ConnectionState.AWAIT_CONNECT:
+                frame = frames.next_frame()
                 if frame is None:
                     break
+                if frame[0] >> 4 == _PUBLISH and state is ConnectionState.CONNECTED:
+                    # One per device message: straight to _on_publish, without the generic decode dispatch and
+                    # _handle's type tests (what _handle does for a PUBLISH when CONNECTED, no more).
+                    publish = decode_publish(frame[0], frame[1], self.protocol_level)
+                    if self.protocol_level == MQTT_5 and publish.properties:
+                        problem = misplaced_property(publish)
+                        if problem is not None:
+                            raise MalformedPacket(problem)  # MQTT 5 §2.2.2.2
+                    event = self._on_publish(publish)
+                    if event is not None:
+                        events.append(event)
+                    continue
                 packet = decode_packet(frame[0], frame[1], self.protocol_level)
                 if self.protocol_level == MQTT_5 or (isinstance(packet, Connect) and packet.protocol_level == MQTT_5):
                     problem = misplaced_property(packet)
@@ -292,9 +314,11 @@ class MQTTConnection:
                     topic = known
             if p.properties.subscription_ids:
                 raise MQTTProtocolError("subscription identifier in a client PUBLISH")  # MQTT-3.3.4-6
-        problem = self.topic_problem(topic)
-        if problem is not None:
-            raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
+        if topic != self._valid_topic:  # a device publishes to the same topic again and again: checked once
+            problem = self.topic_problem(topic)
+            if problem is not None:
+                raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
+            self._valid_topic = topic
         if p.qos == 0:
             return PublishReceived(p, topic)
         assert p.packet_id is not None  # the codec guarantees it for QoS > 0

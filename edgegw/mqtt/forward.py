@@ -58,7 +58,7 @@ _TP_ONLY = b"\x81\xa2tp\xd9\x37"
 def record_properties(props: Properties, tp: str | None = None) -> bytes | None:
     """msgpack for the outbox record (schema above), or None when nothing is to be carried. ``tp``: a normalised
     55-character traceparent (:mod:`edgegw.tracing`) to store, None for none (saved sessions)."""
-    if not props:
+    if props is NO_PROPERTIES or not props:  # the identity test first: no __bool__ call for most messages
         return _TP_ONLY + tp.encode() if tp is not None else None
     out: dict[str, Any] = {key: props.values[pid] for pid, key in _KEYS.items() if pid in props.values}
     if props.user:

@@ -189,8 +189,13 @@ class Connack:
     properties: Properties = NO_PROPERTIES
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Publish:
+    """Not frozen, unlike the other packets, but treated as immutable all the same: one is built per device
+    message, and a frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (1.15 us for
+    these seven fields, 0.23 us as plain slots; with :class:`~edgegw.mqtt.connection.PublishReceived`, 0.9-1.1 us
+    per message). Never hashed either way (its properties hold a dict)."""
+
     topic: str
     payload: bytes
     qos: int = 0

@@ -3,12 +3,13 @@ eviction, the disk headroom guard, and giving free pages back to the filesystem 
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,52 @@ _VACUUM_MIN_PAGES = 256  # free pages before the idle writer returns them to the
 _VACUUM_STEP_PAGES = 2048  # pages per incremental_vacuum step, so a waiting group is not held long
 _GONE = "RETURNING CAST(device_id AS BLOB), size"
 _IDS = "(SELECT value FROM json_each(?))"
+_RUNS_PER_STATEMENT = 8
+"""Acknowledged ids go to SQL as up to this many ``id BETWEEN`` ranges (the uplink acknowledges in id order, so a
+group's deletes are a run or a few); more scattered ids as a JSON list."""
+_DELETED_BY_DEVICE = "SELECT CAST(device_id AS BLOB), count(*), sum(size) FROM records WHERE {} GROUP BY device_id"
+
+
+def id_runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Consecutive ids as (first, last) ranges, in order."""
+    runs: list[tuple[int, int]] = []
+    ordered = sorted(ids)
+    if not ordered:
+        return runs
+    first = last = ordered[0]
+    for rid in ordered:
+        if rid > last + 1:
+            runs.append((first, last))
+            first = rid
+        last = rid
+    runs.append((first, last))
+    return runs
+
+
+@functools.lru_cache(maxsize=_RUNS_PER_STATEMENT)
+def _where_ranges(n: int) -> str:
+    return " OR ".join(["id BETWEEN ? AND ?"] * n)
+
+
+def delete_acknowledged(conn: sqlite3.Connection, ids: Iterable[int]) -> list[tuple[bytes, int, int]]:
+    """On the SQLite thread, inside the group transaction: delete these records; returns what was deleted, as
+    (device, records, bytes) per device.
+
+    Counted by one aggregate over the same rows just before the DELETE (same transaction, same snapshot), so an id
+    already evicted, expired or quarantined is not counted twice, and there is no ``RETURNING`` row per record:
+    each row fetched is a step of the statement, and the sqlite3 module gives up and takes back the GIL per step."""
+    runs = id_runs(ids)
+    if not runs:
+        return []
+    if len(runs) <= _RUNS_PER_STATEMENT:
+        where = _where_ranges(len(runs))
+        params: tuple[Any, ...] = tuple(bound for run in runs for bound in run)
+    else:
+        where = f"id IN {_IDS}"
+        params = (json.dumps([rid for first, last in runs for rid in range(first, last + 1)]),)
+    gone = conn.execute(_DELETED_BY_DEVICE.format(where), params).fetchall()
+    conn.execute(f"DELETE FROM records WHERE {where}", params)
+    return gone
 
 
 def _statvfs_free(folder: Path) -> int:
@@ -46,6 +93,7 @@ class Upkeep:
     _disk_checked: float
     _vacuum_due: bool
     _to_delete: set[int]
+    _pending: list[tuple[Any, tuple[Any, ...], Any]]
     vacuumed_pages: int
     free_bytes: Callable[[Path], int]
 
@@ -71,6 +119,21 @@ class Upkeep:
             if into is not None:
                 into[device] = into.get(device, 0) + 1
         return len(rows)
+
+    def _forget_counted(self, gone: list[tuple[bytes, int, int]]) -> None:
+        """Take deleted records ((device, records, bytes) from :func:`delete_acknowledged`) off the usage counts."""
+        usage = self._usage
+        for raw, count, size in gone:
+            size = size or 0
+            device = device_key(raw)
+            u = usage.get(device)
+            if u is not None:
+                u[0] -= count
+                u[1] -= size
+                if u[0] <= 0:
+                    del usage[device]
+            self._count -= count
+            self._bytes -= size
 
     async def _expire(self, expired: dict[str, int]) -> None:
         """Delete records older than ``ttl``. Ids follow arrival, so the oldest ids are looked at first (a clock
@@ -127,10 +190,10 @@ class Upkeep:
                     u[1] += size or 0
         except sqlite3.Error:
             return  # keep the old counts; the next failure or success corrects them
-        for record, size, _ in self._pending:
+        for record, row, _ in self._pending:
             u = usage.setdefault(record.device_id, [0, 0])
             u[0] += 1
-            u[1] += size
+            u[1] += row[-1]
         self._usage = usage
         self._count = sum(u[0] for u in usage.values())
         self._bytes = sum(u[1] for u in usage.values())

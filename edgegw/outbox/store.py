@@ -22,7 +22,7 @@ uncommitted can leave the box. A row that cannot be decoded is quarantined rathe
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import os
 import sqlite3
 import time
@@ -46,7 +46,13 @@ from edgegw.outbox._record import (
     record_size,
 )
 from edgegw.outbox._schema import RECORD_OVERHEAD, SCHEMA_VERSION, Opened, open_database
-from edgegw.outbox._upkeep import _DISK_CHECK_EVERY, _EXPIRE_EVERY, _GONE, _IDS, Upkeep, _statvfs_free
+from edgegw.outbox._upkeep import (
+    _DISK_CHECK_EVERY,
+    _EXPIRE_EVERY,
+    Upkeep,
+    _statvfs_free,
+    delete_acknowledged,
+)
 from edgegw.tracing import trace_id_of
 
 __all__ = ["CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD", "SCHEMA_VERSION",
@@ -54,6 +60,8 @@ __all__ = ["CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD"
 
 CommitCallback = Callable[[bool], None]
 """Called once with True after the record's transaction committed, or False if the commit failed."""
+_Pending = tuple[Record, tuple[Any, ...], CommitCallback | None]
+"""A record awaiting commit: the record, its ``_INSERT`` parameters (the size last), its callback."""
 
 FAIR_SHARE_FROM = 0.9
 """Past this fill (records or bytes), a device holding more than its fair share (limit / devices) is refused or
@@ -71,6 +79,16 @@ _TRACE_IDS_LOGGED = 20
 _INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
            " VALUES (?,?,?,?,?,?,?,?,?)")
 _COLUMNS = "id, device_id, topic, payload, qos, received_at, properties, priority"
+_ROWS_PER_INSERT = 100  # 900 parameters: under SQLite's old limit of 999
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_rows(n: int) -> str:
+    """One INSERT of ``n`` rows. One statement per group instead of executemany's step per row: the SQLite thread
+    gives up and takes back the GIL once per step, and under load every take waits for the event loop."""
+    return _INSERT + ",(?,?,?,?,?,?,?,?,?)" * (n - 1)
+
+
 class Outbox(Upkeep):
     """Open with :meth:`open`; run :meth:`run` as a task; :meth:`close` flushes and closes."""
 
@@ -83,7 +101,7 @@ class Outbox(Upkeep):
         self._reader = opened.reader
         self._next_id = opened.next_id
         self._log = structlog.get_logger("edgegw.outbox")
-        self._pending: list[tuple[Record, int, CommitCallback | None]] = []
+        self._pending: list[_Pending] = []
         self._to_delete: set[int] = set()
         self._deleting: set[int] = set()
         self._to_quarantine: list[tuple[int, str]] = []
@@ -154,8 +172,9 @@ class Outbox(Upkeep):
         elif size > self._byte_limit:
             self._refuse(device_id, "disk" if self._disk_limited else "bytes",
                          f"a record of {size} bytes exceeds the limit of {self._byte_limit}")
-        record = Record(self._next_id, device_id, topic, payload, qos, time.time(), properties, priority)
-        self._next_id += 1
+        rid, now = self._next_id, time.time()
+        record = Record(rid, device_id, topic, payload, qos, now, properties, priority)
+        self._next_id = rid + 1
         if usage is None:
             self._usage[device_id] = [1, size]
         else:
@@ -163,7 +182,10 @@ class Outbox(Upkeep):
             usage[1] += size
         self._count += 1
         self._bytes += size
-        self._pending.append((record, size, on_commit))
+        # The INSERT's parameters are built here from the arguments: cheaper than from the record's attributes at
+        # commit time (both on the event loop).
+        self._pending.append((record, (rid, device_id, topic, payload, qos, now, properties, priority, size),
+                              on_commit))
         if len(self._pending) == 1:
             self._wake.set()
         elif len(self._pending) >= self._settings.commit_max_records and self._group_full is not None:
@@ -331,10 +353,8 @@ class Outbox(Upkeep):
                                                   or self._bytes > self._byte_limit)))
         try:
             if fast:
-                rows = [(r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
-                        for r, size, _ in group]
-                self._forget(await self._writer._execute(  # aiosqlite is pinned exactly (pyproject.toml)
-                    self._write_group, json.dumps(list(deletes)) if deletes else None, rows))
+                self._forget_counted(await self._writer._execute(  # aiosqlite is pinned exactly (pyproject.toml)
+                    self._write_group, deletes, [row for _, row, _ in group]))
             else:
                 await self._commit_slow(group, deletes, quarantine, expire, now, expired, dropped)
         except sqlite3.Error as exc:
@@ -403,7 +423,7 @@ class Outbox(Upkeep):
                 except Exception:
                     self._log.exception("outbox.callback_failed", callback="when_room")
 
-    async def _commit_slow(self, group: list[tuple[Record, int, CommitCallback | None]], deletes: set[int],
+    async def _commit_slow(self, group: list[_Pending], deletes: set[int],
                            quarantine: list[tuple[int, str]], expire: bool, now: float, expired: dict[str, int],
                            dropped: dict[str, int]) -> None:
         """A group transaction with upkeep (quarantine, TTL sweep, disk check, eviction): statement by statement."""
@@ -415,11 +435,10 @@ class Outbox(Upkeep):
                 [(reason, time.time(), rid) for rid, reason in quarantine])
             deletes = deletes | {rid for rid, _ in quarantine}
         if deletes:
-            await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(list(deletes)),))
+            conn = self._writer._conn
+            self._forget_counted(await self._writer._execute(delete_acknowledged, conn, deletes))
         if group:
-            await self._writer.executemany(_INSERT, [
-                (r.id, r.device_id, r.topic, r.payload, r.qos, r.received_at, r.properties, r.priority, size)
-                for r, size, _ in group])
+            await self._writer.executemany(_INSERT, [row for _, row, _ in group])
         if expire:
             await self._expire(expired)
         if now - self._disk_checked >= _DISK_CHECK_EVERY:
@@ -429,13 +448,13 @@ class Outbox(Upkeep):
         await self._writer.execute("COMMIT")
         await self._writer.execute("BEGIN")
 
-    def _write_group(self, deletes: str | None, rows: list[tuple[Any, ...]]) -> list[Any]:
-        """On the SQLite thread: a whole common group transaction; returns the deleted rows (device, size)."""
+    def _write_group(self, deletes: set[int], rows: list[tuple[Any, ...]]) -> list[tuple[bytes, int, int]]:
+        """On the SQLite thread: a whole common group transaction; returns what was deleted, per device."""
         conn = self._writer._conn
-        gone = conn.execute(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (deletes,)).fetchall() \
-            if deletes else []
-        if rows:
-            conn.executemany(_INSERT, rows)
+        gone = delete_acknowledged(conn, deletes)
+        for start in range(0, len(rows), _ROWS_PER_INSERT):
+            chunk = rows[start:start + _ROWS_PER_INSERT]
+            conn.execute(_insert_rows(len(chunk)), [value for row in chunk for value in row])
         conn.execute("COMMIT")
         conn.execute("BEGIN")
         return gone

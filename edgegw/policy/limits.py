@@ -85,7 +85,9 @@ class Limiter:
         self._clock = clock
         self._wall = wall
         self._plan = Plan(settings)
-        self._active = settings.active
+        self.active = settings.active
+        """False with no rate limit nor quota configured: :meth:`admit` always admits, so an ingress may skip it
+        (the MQTT one does, once per message)."""
         self._gen = 0
         self._devices: OrderedDict[str, _Device] = OrderedDict()
         self._periods = Periods.at(wall())
@@ -106,7 +108,7 @@ class Limiter:
 
     def admit(self, device_id: str, nbytes: int) -> Admission:
         """May ``device_id`` send a message of ``nbytes`` payload bytes now? Takes from every bucket if so."""
-        if not self._active:
+        if not self.active:
             return ADMITTED
         now = self._clock()
         dev = self._devices.get(device_id)
@@ -304,7 +306,7 @@ class Limiter:
         # One assignment each, no await in between: a message sees the old limits or the new ones, never a mix.
         self.settings = settings
         self._plan = plan
-        self._active = settings.active
+        self.active = settings.active
         self._gen += 1
         log.info("limits.replaced", rate_limits=len(settings.rate), quotas=len(settings.quota))
 
