@@ -9,7 +9,8 @@ Receive Maximum 20) and a fresh outbox (``synchronous = "full"``):
 * **drain**: N records of 100 bytes (10 devices) are committed before the uplink starts, as after an outage; the
   uplink connects and sends them all. Reported: records/s from connect to the outbox being empty (every record
   PUBACKed and its delete committed) and CPU of this whole process (event loop + SQLite threads) per record, from
-  ``time.process_time``. mosquitto's own CPU is not counted. This isolates the uplink from the device-facing side,
+  ``time.process_time``, and of the event-loop thread alone (``time.thread_time``). mosquitto's own CPU is not
+  counted. This isolates the uplink from the device-facing side,
   which ``bench/run.py`` B measures together with it.
 * **backfill with live traffic**: the same backlog, and meanwhile a live device submits ``--live-rate`` records/s
   into the outbox. Reported: the backlog's drain rate and the p50/p99 latency of the live records from submit
@@ -91,7 +92,7 @@ async def run_one(work: Path, pki: harness.PKI, procs: harness.Procs, client: st
     task: asyncio.Task[None] | None = None
     try:
         await _preload(outbox, records)
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu0, t0, loop0 = time.process_time(), time.perf_counter(), time.thread_time()
         task = asyncio.create_task(uplink.run())
         live_sent = 0
         deadline = time.monotonic() + 120
@@ -107,10 +108,14 @@ async def run_one(work: Path, pki: harness.PKI, procs: harness.Procs, client: st
                 live_sent += 1
                 next_live = max(next_live + 1 / live_rate, time.perf_counter() - 0.1)
             await asyncio.sleep(0.001 if live_rate else 0.01)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        elapsed, cpu, loop_cpu = time.perf_counter() - t0, time.process_time() - cpu0, time.thread_time() - loop0
+        link = uplink._link
+        writes = getattr(link, "writes", None)  # native: TLS writes of PUBLISHes (one per loop turn at most)
         out: dict[str, Any] = {"client": client, "batch": batch, "records": records, "seconds": elapsed,
                                "rate": records / elapsed, "cpu_us": cpu / (records + live_sent) * 1e6,
-                               "sent": uplink.sent, "frames": uplink.frames_sent, "reconnects": uplink.reconnects}
+                               "loop_us": loop_cpu / (records + live_sent) * 1e6,
+                               "sent": uplink.sent, "frames": uplink.frames_sent, "reconnects": uplink.reconnects,
+                               "writes": writes}
         if probe is not None:
             lat = sorted(probe.latencies)
             out.update(live=live_sent, live_acked=len(lat),
@@ -130,8 +135,9 @@ async def run_one(work: Path, pki: harness.PKI, procs: harness.Procs, client: st
 def _row(r: dict[str, Any]) -> str:
     live = (f"{r['live_acked']:,}/{r['live']:,} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f}" if "live" in r
             and r["p50_ms"] is not None else "| |")
+    writes = f"{r['writes']:,}" if r.get("writes") is not None else ""
     return (f"| {r['client']} | {r['batch']} | {r['records']:,} | {r['seconds']:.2f} | {r['rate']:,.0f} "
-            f"| {r['cpu_us']:.1f} | {r['frames'] or r['sent']:,} | {live} |")
+            f"| {r['cpu_us']:.1f} | {r['loop_us']:.1f} | {r['frames'] or r['sent']:,} | {writes} | {live} |")
 
 
 async def main_async(args: argparse.Namespace) -> int:
@@ -149,9 +155,9 @@ async def main_async(args: argparse.Namespace) -> int:
                         print(_row(r), flush=True)
         finally:
             procs.close()
-    print("\n| client | batch | backlog records | drain s | records/s | CPU us/record | upstream messages "
-          "| live acked | live p50 ms | live p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("\n| client | batch | backlog records | drain s | records/s | CPU us/record | loop thread us/record "
+          "| upstream messages | TLS writes | live acked | live p50 ms | live p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
         print(_row(r))
     print(json.dumps({"summary": _summary(rows)}))

@@ -181,3 +181,33 @@ async def test_commands_carry_their_properties_down_with_either_client(
     assert props.user == (("k", "v"),)
     assert expiry is not None and 0 < expiry <= 60
     assert uplink.commands_delivered == 1
+
+
+async def test_native_link_runs_on_edgegw_tls_transport_checks_the_name_and_says_goodbye(
+        mosquitto: Mosquitto, pki: LabPKI, outbox: Outbox) -> None:
+    """Not asyncio's sslproto: the native client's TLS is edgegw's TLSTransport (client side, OpenSSL read-ahead).
+    The server certificate is checked against ``tls_server_name``; a cancelled uplink sends DISCONNECT before it
+    closes (mosquitto logs "disconnected", not "closed its connection")."""
+    from test_uplink import CLIENT_ID
+
+    from edgegw.mqtt._tls import TLSTransport
+
+    wrong = make_uplink(uplink_settings(mosquitto, pki, tls_server_name="not-the-broker.example"), outbox)
+    with structlog.testing.capture_logs() as logs:
+        async with running(wrong):
+            await eventually(lambda: wrong.connect_failures >= 1, 5, "the refused certificate")
+    failure = next(e for e in logs if e["event"] == "uplink.connect_failed")
+    assert failure["error"].startswith("SSLCertVerificationError") and "mismatch" in failure["error"], failure
+
+    # a host name (resolved, every address tried in turn) rather than the address
+    uplink = make_uplink(uplink_settings(mosquitto, pki, host="localhost"), outbox)
+    async with running(uplink):
+        await eventually(lambda: uplink.connected, 10, "connected")
+        link = uplink._link
+        assert isinstance(link, NativeLink) and isinstance(link.transport, TLSTransport)
+        assert link.transport.read_ahead
+        assert link.transport.get_extra_info("peercert")["subject"]
+        submit(outbox, ["t1"], 50)
+        await eventually(lambda: uplink.acked == 50 and outbox.depth == 0, 10, "records over the transport")
+    await eventually(lambda: f"Client {CLIENT_ID} disconnected" in mosquitto.log(), 5, "the DISCONNECT")
+    assert f"Client {CLIENT_ID} closed its connection" not in mosquitto.log()

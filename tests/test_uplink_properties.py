@@ -139,3 +139,84 @@ async def test_expired_and_damaged_records_leave_the_queue(mosquitto: Any, sink_
     assert uplink.expired == {"dev-01": 1}
     assert await outbox.count_quarantined() == 1
     assert rows_in(tmp_path / "outbox.db") == 0
+
+
+# --- the native client's fast path sends the very bytes of the general path -----------------------------------
+
+
+class _Bytes:
+    """Where the link's PUBLISHes go in the comparison below: only the bytes matter, not a socket."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_fast_path_sends_the_same_bytes_as_the_general_path(pki: LabPKI, outbox: Outbox,
+                                                                  protocol: str) -> None:
+    """``Uplink._send`` over the native client takes ``RecordWire`` for a record with no record properties or only
+    the ingress's traceparent (``record_properties(NO_PROPERTIES, tp)``): every PUBLISH byte (topic, packet id,
+    properties, payload) and ``bytes_sent`` must equal what the general path (msgpack, ``_record_properties``)
+    gives, across ids, received times on millisecond edges, long device ids (a two-byte property length) and the
+    topics the mapping treats differently. A record with other properties, or an unsendable topic, still goes the
+    general way (quarantined with the same reason)."""
+    import asyncio
+
+    from edgegw.mqtt.forward import record_properties
+    from edgegw.mqtt.packets import NO_PROPERTIES
+    from edgegw.uplink._mqtt_client import NativeLink
+
+    base = 1_700_000_000.0
+    times = [base, base + 0.0004, base + 0.0009999, base + 0.001, base + 0.9995, base + 0.999999, base + 1,
+             base + 59.123456, 1.5, 0.0]
+    devices = ["dev-01", "d" * 90, "é-unicode"]
+    topics = ["devices/{d}/telemetry", "devices/{d}/a/b/c", "other/{d}/x", "telemetry", "\x00routed/{d}/up",
+              "devices/other/x"]
+    records = []
+    rid = 1
+    for ts in times:
+        for device in devices:
+            for topic in topics:
+                for stored in (None, record_properties(NO_PROPERTIES, TP)):
+                    records.append(Record(rid, device, topic.format(d=device), b"p" * (rid % 300), 1, ts, stored))
+                    rid = rid * 7 + 3 if rid < 10**17 else rid + 1  # ids of every length, up to 19 digits
+
+    async def send(fast: bool) -> tuple[bytes, int]:
+        uplink = make_uplink(uplink_settings(_Broker(), pki, protocol=protocol, topic_prefix="cloud"), outbox)
+        link = NativeLink(uplink, asyncio.get_running_loop(), "127.0.0.1", 1)
+        link.encoded = fast
+        link.transport = _Bytes()  # type: ignore[assignment]
+        for record in records:
+            assert uplink._send(link, record) is True
+            link.inflight.clear()
+        link._flush()
+        assert isinstance(link.transport, _Bytes)
+        data = link.transport.data
+        link.transport = None
+        link.close(graceful=False)
+        return data, uplink.bytes_sent
+
+    fast, general = await send(True), await send(False)
+    assert len(fast[0]) == fast[1] and fast[1] > 100 * len(records)
+    assert fast == general
+
+    # not for the fast path: other record properties, a wildcard in the mapped topic
+    uplink = make_uplink(uplink_settings(_Broker(), pki, protocol=protocol, topic_prefix="cloud"), outbox)
+    link = NativeLink(uplink, asyncio.get_running_loop(), "127.0.0.1", 1)
+    link.transport = _Bytes()  # type: ignore[assignment]
+    with_ct = Record(1, "dev-01", "devices/dev-01/t", b"x", 1, base, msgpack.packb({"ct": "a/b", "tp": TP}))
+    assert uplink._send(link, with_ct) is True
+    wildcard = Record(2, "dev+", "devices/dev+/t", b"x", 1, base, record_properties(NO_PROPERTIES, TP))
+    assert uplink._send(link, wildcard) is False and uplink.refused == 1
+    link.transport = None
+    link.close(graceful=False)
+
+
+class _Broker:
+    host, port = "127.0.0.1", 1  # settings only: nothing connects

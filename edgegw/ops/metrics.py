@@ -335,7 +335,9 @@ class GatewayCollector(Collector):
                                     ("acked", "Publishes the upstream acknowledged"),
                                     ("refused", "Publishes the upstream refused (quarantined)"),
                                     ("reconnects", "Upstream reconnections after the first connection"),
-                                    ("connect_failures", "Failed upstream connection attempts")):
+                                    ("connect_failures", "Failed upstream connection attempts"),
+                                    ("session_takeovers", "Upstream connections ended because another client "
+                                     "connected with the uplink's client id (is gateway.id unique?)")):
                 yield CounterMetricFamily(f"edgegw_uplink_{name}", help_text, value=_num(uplink, name) or 0)
             yield CounterMetricFamily("edgegw_uplink_sent_bytes", "MQTT PUBLISH bytes handed to the upstream",
                                       value=_num(uplink, "bytes_sent") or 0)

@@ -257,6 +257,7 @@ class _Link(LinkBase):
         text = str(reason)
         if flags.is_disconnect_packet_from_server:
             text = f"DISCONNECT from server: {text} (0x{reason.value:02x})"
+            self.taken_over = reason.value == 0x8E  # Session taken over
             reason_string = getattr(properties, "ReasonString", None)
             if reason_string:
                 text += f": {reason_string}"

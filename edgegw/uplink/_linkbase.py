@@ -40,6 +40,12 @@ class LinkBase:
     _error: str | None = None
     paused = False
     """True while the transport's write buffer is over its high-water mark: the pump sends nothing more."""
+    taken_over = False
+    """The server ended this connection with DISCONNECT 0x8E "Session taken over" (MQTT 5): another client
+    connected with our client id."""
+    closed_by_server = False
+    """The server closed this connection cleanly and gave no reason (no DISCONNECT, no error): what mosquitto 2.0
+    does to the older of two connections with one client id, over MQTT 5 and 3.1.1 alike."""
 
     @property
     def error(self) -> str | None:
@@ -80,6 +86,14 @@ class LinkBase:
 
     def close(self, graceful: bool) -> None:
         """Release everything; with ``graceful``, try to send DISCONNECT first. Idempotent."""
+        raise NotImplementedError
+
+    encoded = False
+    """True if the client takes PUBLISHes already encoded (:meth:`publish_packet`): the uplink's fast path."""
+
+    def publish_packet(self, topic: bytes, payload: bytes, props: bytes, remaining: int) -> int:
+        """:meth:`publish` of parts already encoded: ``topic`` with its two-byte length, ``props`` with its length
+        (``b""`` over MQTT 3.1.1), ``remaining`` the packet's Remaining Length. Only where :attr:`encoded`."""
         raise NotImplementedError
 
     # --- shared ----------------------------------------------------------------------------------------------
