@@ -501,13 +501,20 @@ class GatewayProcess:
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
         deadline = time.monotonic() + timeout
-        while '"gateway.ready"' not in self.log_path.read_text()[offset:]:
+        # Polled often (a few hundred gateway starts per run: the poll's granularity adds up), reading only what this
+        # start wrote.
+        while not self._logged_since(offset, '"gateway.ready"'):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gateway not ready within {timeout} s:\n{self.log()}")
-            time.sleep(0.05)
+            time.sleep(0.01)
         return self
+
+    def _logged_since(self, offset: int, text: str) -> bool:
+        with open(self.log_path, "rb") as log:
+            log.seek(offset)
+            return text.encode() in log.read()
 
     def kill(self) -> None:
         """SIGKILL: no clean-up at all, as in a crash."""
@@ -549,7 +556,7 @@ class GatewayProcess:
                     return entry
             if time.monotonic() > deadline:
                 raise AssertionError(f"no log event {name} {match} within {timeout} s:\n{self.log()[-4000:]}")
-            time.sleep(0.05)
+            time.sleep(0.02)
 
 
 def _toml(value: Any) -> str:

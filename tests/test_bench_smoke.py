@@ -28,12 +28,15 @@ def test_bench_quick_runs_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# hand-written title\n\nkept text\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\ntail text\n")
     # On timeout subprocess.run SIGKILLs the benchmark; its children die with it (PR_SET_PDEATHSIG).
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--out", str(out)],
+    # 100 messages per device and 50 idle connections: every scenario still runs end to end (the suite's smoke,
+    # tests/test_bench_suite.py, runs A, B and C at the --quick size of 300 per device).
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--messages", "100", "--idle",
+                           "50", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     for row in ROWS:
         assert row in proc.stdout, f"missing row {row!r} in:\n{proc.stdout}"
-    n = 10 * 300
+    n = 10 * 100
     b_row = next(line for line in proc.stdout.splitlines() if line.startswith(ROWS[1]))
     assert f"| {n:,}/{n:,} |" in b_row, b_row  # B delivered every message upstream
     assert b_row.rstrip().endswith("| ok |"), b_row

@@ -23,7 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_demo_json_loses_nothing_across_an_outage() -> None:
-    proc = run_cli("demo", "--devices", "5", "--seconds", "6", "--json")
+    proc = run_cli("demo", "--devices", "5", "--seconds", "4", "--json")
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     summary = json.loads(proc.stdout)  # stdout must be exactly one JSON object: logs go to stderr
     assert isinstance(summary, dict)
@@ -31,7 +31,7 @@ def test_demo_json_loses_nothing_across_an_outage() -> None:
         assert isinstance(summary[key], int), key
     assert "error" not in summary, summary
     assert summary["devices"] == 5
-    assert summary["outage_seconds"] == 1.5  # default: a quarter of --seconds, at most 5
+    assert summary["outage_seconds"] == 1.0  # default: a quarter of --seconds, at most 5
     assert summary["upstream_link_cuts"] == 1
     assert summary["published"] > 0
     # Every device gets a PUBACK for every message: the outage is upstream, the outbox absorbs it.

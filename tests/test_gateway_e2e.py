@@ -35,7 +35,10 @@ class Device:
         self.disconnected = threading.Event()
         self.connected = threading.Event()
         self._sent: list[tuple[int, mqtt.MQTTMessageInfo]] = []
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or device_id, protocol=protocol)
+        # No automatic reconnect: a refused or dropped device stays down (the tests count connections), and its
+        # network thread ends with the connection, so loop_stop() does not wait out paho's reconnect sleep (<= 1 s).
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or device_id, protocol=protocol,
+                             reconnect_on_failure=False)
         client.tls_set_context(fleet.device_context(device_id, rogue=rogue, with_cert=with_cert))
         client.max_inflight_messages_set(max_inflight)
         client.on_connect = self._on_connect

@@ -71,7 +71,7 @@ messages_burst = 5.0
     chatty = Publisher(fleet.device_context("dev-03"), gw.port, "dev-03", protocol=V311).start()
     quiet = Publisher(fleet.device_context("dev-04"), gw.port, "dev-04", protocol=V5).start()
     try:
-        sent = [f"c{i:03d}".encode() for i in range(40)]  # 5 at once, then 10/s: held for about 3.5 s
+        sent = [f"c{i:03d}".encode() for i in range(30)]  # 5 at once, then 10/s: held for about 2.5 s
         chatty_mids = chatty.send("devices/dev-03/t", sent)
         wait_until(lambda: sample(admin, "edgegw_rate_limit_actions_total", protocol="mqtt", scope="device",
                                   limit="device", action="backpressure") > 0, 10, what="the chatty device held")

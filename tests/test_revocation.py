@@ -52,7 +52,10 @@ class PahoDevice:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(cafile=str(anchor or pki_dir / "ca.crt"))
         ctx.load_cert_chain(str(pki_dir / "devices" / f"{device_id}.crt"), str(pki_dir / "devices" / f"{device_id}.key"))
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5)
+        # No automatic reconnect within a test: the network thread ends with the connection, so close() does not
+        # wait out paho's reconnect sleep (up to 1 s per refused device).
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5,
+                             reconnect_on_failure=False)
         client.tls_set_context(ctx)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -73,7 +76,6 @@ class PahoDevice:
         except (ssl.SSLError, OSError):
             self.disconnected.set()
             return self
-        self.client.reconnect_delay_set(60, 120)  # no automatic reconnect within a test
         self.client.loop_start()
         deadline = time.monotonic() + timeout
         while not (self.connected.is_set() or self.disconnected.is_set()) and time.monotonic() < deadline:
@@ -202,16 +204,16 @@ def test_broken_material_is_refused_and_the_running_material_stays(
         devices.append(first)
         assert first.accepted
         good_crl = (d / "crl.pem").read_bytes()
-        (d / "crl.pem").write_bytes(good_crl[: len(good_crl) // 2])  # truncated
+        replace_file(d / "crl.pem", good_crl[: len(good_crl) // 2])  # truncated
         failed = gw.wait_for_event("tls.reload_failed")
         assert failed["key"] == "tls.crl" and "crl.pem" in failed["reason"]
         # A CRL signed by another CA would refuse every device: refused too.
         edgegw("pki", "init", str(tmp_path / "other"))
         edgegw("pki", "crl", str(tmp_path / "other"))
-        (d / "crl.pem").write_bytes((tmp_path / "other" / "crl.pem").read_bytes())
+        replace_file(d / "crl.pem", (tmp_path / "other" / "crl.pem").read_bytes())
         wait_until(lambda: len(gw.events("tls.reload_failed")) >= 2, 10, what="second reload_failed")
         assert "is not signed by the CA" in gw.events("tls.reload_failed")[-1]["reason"]
-        (d / "server" / "gateway.key").write_text("garbage\n")
+        replace_file(d / "server" / "gateway.key", b"garbage\n")
         wait_until(lambda: len(gw.events("tls.reload_failed")) >= 3, 10, what="third reload_failed")
 
         second = PahoDevice(d, "good-2", gw.port).connect()
@@ -241,6 +243,14 @@ def test_gateway_refuses_to_start_with_an_expired_crl(tmp_path: Path, pki: LabPK
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "tls.crl" in proc.stderr and "expired" in proc.stderr
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Swap the file's content in one rename, as deployment tools do: an in-place write can be seen half done (an
+    empty file first) by the reload poll, which then reports that state as a failure of its own."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def server_serial(port: int, d: Path) -> int:

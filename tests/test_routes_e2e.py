@@ -55,7 +55,10 @@ class Device:
     def __init__(self, fleet: Fleet, gw: GatewayProcess, device_id: str) -> None:
         self.acks: dict[int, int] = {}
         self.suback: list[int] = []
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5)
+        # No automatic reconnect: a device the gateway closes stays down, and its network thread ends with the
+        # connection, so loop_stop() does not wait out paho's reconnect sleep (<= 1 s).
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5,
+                             reconnect_on_failure=False)
         client.tls_set_context(fleet.device_context(device_id))
         client.on_publish = lambda c, u, mid, reason, props: self.acks.__setitem__(mid, int(reason.value))
         client.on_subscribe = lambda c, u, mid, reasons, props: self.suback.extend(int(r.value) for r in reasons)

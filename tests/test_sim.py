@@ -84,12 +84,12 @@ def test_fifty_devices_from_a_batch_folder_lose_nothing(
         assert sink_proc.stderr is not None
         first = sink_proc.stderr.readline()  # the first status line: subscribed
         assert " sink  received " in first, first
-        proc = sim("run", *target(gw, bundles), "--devices", "50", "--seconds", "4", "--interval", "0.25",
+        proc = sim("run", *target(gw, bundles), "--devices", "50", "--seconds", "3", "--interval", "0.25",
                    "--profile", "jittered", *sink_flags(mosquitto, pki), "--acked-out", str(acked), "--json")
         s = summary_of(proc)
         assert proc.returncode == 0, (s, proc.stderr[-3000:])
         assert s["devices"] == 50 and s["ever_connected"] == 50
-        assert s["sent"] >= 50 * 4 * 0.6, s  # 4 s at one message per ~0.25 s each, minus ramp-up
+        assert s["sent"] >= 50 * 3 * 0.6, s  # 3 s at one message per ~0.25 s each, minus ramp-up
         assert s["acknowledged"] == s["sent"] and s["refused"] == 0 and s["all_acknowledged"], s
         assert s["sink"]["lost"] == 0 and s["sink"]["delivered"] >= s["acknowledged"], s["sink"]
         assert s["sink"]["devices"] == 50 and s["sink"]["malformed"] == 0 and s["sink"]["misrouted"] == 0
@@ -112,9 +112,10 @@ def test_mqtt5_over_two_processes_with_a_reconnect_storm_and_offline_devices(
         gateway: Callable[..., GatewayProcess]) -> None:
     _, bundles = batch
     gw = gateway()
+    # Storms and offline cycles every 1.2 s: two of each per worker within 3 s of publishing.
     proc = sim("run", *target(gw, bundles), "--devices", "20", "--protocol", "5", "--processes", "2",
-               "--seconds", "5", "--interval", "0.1", "--profile", "bursty", "--burst", "3",
-               "--storm-every", "2", "--storm-fraction", "0.5", "--offline-every", "2", "--offline-for", "1",
+               "--seconds", "3", "--interval", "0.1", "--profile", "bursty", "--burst", "3",
+               "--storm-every", "1.2", "--storm-fraction", "0.5", "--offline-every", "1.2", "--offline-for", "1",
                "--offline-fraction", "0.2", *sink_flags(mosquitto, pki), "--json", "--quiet")
     s = summary_of(proc)
     assert proc.returncode == 0, (s, proc.stderr[-3000:])
@@ -129,7 +130,8 @@ def test_bad_actors_leave_good_devices_working_and_the_gateway_up(
         gateway: Callable[..., GatewayProcess]) -> None:
     _, bundles = batch
     gw = gateway(mqtt={"connect_timeout": 2.0})
-    proc = sim("run", *target(gw, bundles), "--devices", "20", "--seconds", "6", "--interval", "0.2",
+    # 4 s of publishing: twice the gateway's connect timeout, which is what refuses the slow connect.
+    proc = sim("run", *target(gw, bundles), "--devices", "20", "--seconds", "4", "--interval", "0.2",
                "--wrong-cert", "1", "--foreign-topic", "1", "--flood", "1", "--flood-rate", "500", "--malformed", "1",
                "--slow-connect", "1", *sink_flags(mosquitto, pki), "--json", "--quiet")
     s = summary_of(proc)
@@ -167,7 +169,7 @@ def test_coap_devices_over_tls(batch: tuple[Fleet, Path], mosquitto: Mosquitto, 
 
 
 def test_dtls_devices(batch: tuple[Fleet, Path], mosquitto: Mosquitto, pki: LabPKI,
-                      gateway: Callable[..., GatewayProcess]) -> None:
+                      gateway: Callable[..., GatewayProcess], fleet: Fleet, tmp_path: Path) -> None:
     # CoAP over DTLS (edgegw/sim/dtls_device.py): each device's certificate in its handshake, CON POSTs answered
     # after the commit; a storm kicks every session, so each reconnects with a new handshake and resends.
     _, bundles = batch
@@ -185,11 +187,11 @@ def test_dtls_devices(batch: tuple[Fleet, Path], mosquitto: Mosquitto, pki: LabP
     # The gateway saw certificate identities over DTLS, not over its TLS port.
     assert {e["device_id"] for e in gw.events("dtls.session_established")} >= {f"sim-{i:03d}" for i in range(10)}
     # A device whose certificate the gateway's CA did not sign never gets a session: only connect failures.
-    rogue = bundles.parent / "rogue"
-    _edgegw("pki", "init", str(rogue))
-    _edgegw("pki", "issue", str(rogue), "device", "sim-000")
-    scenario = rogue / "rogue.toml"
-    scenario.write_text("[devices]\nconnect_timeout = 2.0\n[run]\nconnect_wait = 3.0\ndrain_timeout = 1.0\n")
+    # The session's other fleet (conftest `fleet`: `edgegw pki init` + a device issued there), not one made here.
+    rogue = fleet.folder.parent / "rogue"
+    scenario = tmp_path / "rogue.toml"
+    # Short bounds: a refused handshake fails within them many times over on loopback (the default waits are 60 s).
+    scenario.write_text("[devices]\nconnect_timeout = 1.5\n[run]\nconnect_wait = 1.0\ndrain_timeout = 1.0\n")
     proc = sim("run", str(scenario), "--certs", str(rogue), "--ca", str(batch[0].ca), "--host", "127.0.0.1",
                "--port", str(dtls_port), "--transport", "dtls", "--seconds", "1", "--interval", "0.2", "--json",
                "--quiet")

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,22 +47,28 @@ def test_ready_watchdog_status_and_stopping(mosquitto: Mosquitto, gateway_factor
         os.environ.update(env_before)
     messages: list[str] = []
 
-    def collect(seconds: float) -> None:
+    def collect(until: Callable[[], bool], seconds: float) -> None:
+        """Receive until ``until()`` holds (or ``seconds`` pass: the asserts below then say what is missing)."""
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while not until() and time.monotonic() < deadline:
             try:
                 messages.append(sock.recv(4096).decode())
             except TimeoutError:
                 pass
 
+    def running_told() -> bool:
+        return (any("READY=1" in m for m in messages) and sum("WATCHDOG=1" in m for m in messages) >= 3
+                and any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in messages)
+                and any("devices connected" in m and "outbox depth" in m for m in messages))
+
     try:
-        collect(1.5)
+        collect(running_told, 10.0)
         assert any("READY=1" in m for m in messages), messages
         assert sum("WATCHDOG=1" in m for m in messages) >= 3, messages
         assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in messages), messages
         assert any("devices connected" in m and "outbox depth" in m for m in messages), messages
         assert gw.terminate() == 0
-        collect(0.5)
+        collect(lambda: any("STOPPING=1" in m for m in messages), 5.0)
         assert any("STOPPING=1" in m for m in messages), messages
     finally:
         sock.close()
