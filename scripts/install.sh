@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs edgegw on a Debian-based gateway (run as root from a checkout):
 #   a venv under /opt/edgegw, the systemd unit, sysusers/tmpfiles entries, and (with --upstream) a ready config under
-#   /etc/edgegw written by `edgegw init --state-dir /var/lib/edgegw`. Safe to run again: it upgrades the venv and
+#   /etc/edgegw written by `edgegw init --state-dir /var/lib/edgegw`. Safe to run again: it upgrades the venv (and
+#   skips pip when this very checkout is already installed there), redoes the unit, users and permissions, and
 #   never overwrites an existing config or PKI.
 #
 #   sudo bash scripts/install.sh --upstream cloud.example.com:8883 [--upstream-ca FILE] [--mqtt-port 8883] [--start]
 #
 # --root DIR installs into DIR instead of / (staging, packaging, tests): nothing is started or enabled then.
+# --reinstall runs pip even when this checkout is already installed (e.g. to upgrade the dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 src=$(pwd)
@@ -16,6 +18,7 @@ upstream=""
 upstream_ca=""
 mqtt_port=8883
 start=no
+reinstall=no
 python=${PYTHON:-python3}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,7 +27,8 @@ while [ $# -gt 0 ]; do
     --upstream-ca) upstream_ca=$2; shift 2 ;;
     --mqtt-port) mqtt_port=$2; shift 2 ;;
     --start) start=yes; shift ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --reinstall) reinstall=yes; shift ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -47,7 +51,20 @@ fi
 
 echo "== venv in $prefix"
 [ -x "$prefix/bin/python" ] || "$python" -m venv "$prefix"
-"$prefix/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$src"
+# What pip would build: the package's files and its metadata. The same fingerprint as the last successful install
+# (and an edgegw that still imports there) means a re-run has nothing to build: pip would take ~10 s to rebuild
+# and reinstall the same files. A version number alone would miss a changed checkout that kept its version.
+source_id=$(cd "$src" && find pyproject.toml README.md edgegw -type f ! -path '*/__pycache__/*' ! -name '*.pyc' \
+  -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
+stamp=$prefix/.installed-source
+if [ "$reinstall" = no ] && [ "$(cat "$stamp" 2>/dev/null)" = "$source_id" ] \
+    && "$prefix/bin/python" -I -c 'import edgegw' 2>/dev/null; then
+  echo "== this checkout is already installed in $prefix: pip skipped (--reinstall to force)"
+else
+  rm -f "$stamp"
+  "$prefix/bin/python" -m pip install -q --disable-pip-version-check --upgrade "$src"
+  echo "$source_id" > "$stamp"
+fi
 install -d -m 0755 "$prefix/docs"
 install -m 0644 "$src"/docs/*.md "$prefix/docs/"
 

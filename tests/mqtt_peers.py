@@ -43,7 +43,11 @@ class PahoDevice:
     def __init__(self, ctx: ssl.SSLContext | None, port: int, client_id: str, *,
                  protocol: MQTTProtocolVersion = V5, clean: bool = True, session_expiry: int | None = None,
                  will: tuple[str, bytes, int, bool] | None = None, will_props: PahoProperties | None = None,
-                 keepalive: int = 30, connect_props: PahoProperties | None = None) -> None:
+                 keepalive: int = 30, connect_props: PahoProperties | None = None,
+                 reconnect_on_failure: bool = True) -> None:
+        """``reconnect_on_failure=False`` for a device the test never expects to come back by itself: paho's
+        network thread then ends as soon as the link is refused or lost, instead of sleeping out its reconnect delay
+        (1 s) which ``loop_stop()`` and ``close()`` would otherwise wait for."""
         self.port = port
         self.protocol = protocol
         self.messages: list[Got] = []
@@ -58,7 +62,8 @@ class PahoDevice:
         kwargs: dict[str, Any] = {}
         if protocol != V5:
             kwargs["clean_session"] = clean
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+                        reconnect_on_failure=reconnect_on_failure, **kwargs)
         if ctx is not None:
             c.tls_set_context(ctx)
         if will is not None:
@@ -133,8 +138,16 @@ class PahoDevice:
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT (as a lost link would)."""
-        self.client.loop_stop()
         sock = self.client.socket()
+        if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+            # Shut the TCP socket down under paho first (a FIN, no DISCONNECT, no TLS close_notify): its network
+            # thread wakes from select() at once, sees the link lost and ends, where a plain loop_stop() would wait
+            # out select()'s 1 s timeout. socket.socket's method: the fd only, not the SSL object paho reads with.
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer
+        self.client.loop_stop()
         if sock is not None:
             sock.close()
 

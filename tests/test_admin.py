@@ -31,7 +31,7 @@ def test_health_metrics_and_api_of_a_running_gateway(mosquitto: Mosquitto, gatew
     gw, port = admin_gateway(gateway_factory, mosquitto)
     gw.wait_for_event("admin.listening", port=port)
     old = PahoDevice(fleet, gw.port, "dev-01")
-    new = PahoDevice(fleet, gw.port, "dev-02", v5=True)
+    new = PahoDevice(fleet, gw.port, "dev-02", v5=True, reconnect_on_failure=False)  # disconnected below
     try:
         old.publish(20)
         new.publish(30)

@@ -19,7 +19,8 @@ def test_suspend_and_resume_through_the_registry(mosquitto: Mosquitto, gateway_f
     gw, port = admin_gateway(gateway_factory, mosquitto, registry={"path": str(registry)})
     devices: list[PahoDevice] = []
     try:
-        live = PahoDevice(fleet.device_context("dev-05"), gw.port, "dev-05").start()
+        # Suspended below, then refused: neither should try again by itself.
+        live = PahoDevice(fleet.device_context("dev-05"), gw.port, "dev-05", reconnect_on_failure=False).start()
         devices.append(live)
         assert live.connected.is_set()
 
@@ -32,7 +33,7 @@ def test_suspend_and_resume_through_the_registry(mosquitto: Mosquitto, gateway_f
         live.client.loop_stop()
         gw.wait_for_event("admin.device_suspended", device_id="dev-05")
 
-        again = PahoDevice(fleet.device_context("dev-05"), gw.port, "dev-05").start()
+        again = PahoDevice(fleet.device_context("dev-05"), gw.port, "dev-05", reconnect_on_failure=False).start()
         devices.append(again)
         assert again.connack is not None and again.connack.value == 0x87
         refused = gw.wait_for_event("mqtt.connect_refused", client_id="dev-05")

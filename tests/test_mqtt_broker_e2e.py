@@ -255,7 +255,8 @@ def test_impersonation_through_a_persistent_session_is_refused(fleet: Fleet, gw:
     victim.close()
     # dev-03's certificate, dev-02's client id, resuming the session: refused before any session is touched.
     for clean in (False, True):
-        thief = device(fleet, g, "dev-03", client_id="dev-02", clean=clean, session_expiry=300)
+        thief = device(fleet, g, "dev-03", client_id="dev-02", clean=clean, session_expiry=300,
+                       reconnect_on_failure=False)  # refused: no retry after its 1 s delay to wait out
         try:
             assert not thief.connected.is_set()
             assert thief.connack is not None and thief.connack.value == 0x87
@@ -312,17 +313,19 @@ def test_will_delay_cancelled_by_a_quick_reconnect(fleet: Fleet, gw: Any) -> Non
         will = ("shared/wd/dev-09", b"gone", 1, False)
         first = device(fleet, g, "dev-09", clean=False, session_expiry=60, will=will,
                        will_props=props(PacketTypes.WILLMESSAGE, WillDelayInterval=2))
-        first.drop()
-        back = device(fleet, g, "dev-09", clean=False, session_expiry=60)
-        time.sleep(2.5)
-        assert watcher.messages == []  # reconnected within the delay: no will
-        back.drop()  # this connection had no will
         second = device(fleet, g, "dev-10", clean=False, session_expiry=60,
                         will=("shared/wd/dev-10", b"gone", 1, False),
                         will_props=props(PacketTypes.WILLMESSAGE, WillDelayInterval=1))
+        # Both links lost at once, so that dev-10's delay runs inside dev-09's instead of after it.
+        first.drop()
         second.drop()
-        (m,) = watcher.wait_messages(1, timeout=5)
+        lost = time.monotonic()
+        back = device(fleet, g, "dev-09", clean=False, session_expiry=60)
+        (m,) = watcher.wait_messages(1, timeout=5)  # no reconnect: the will, after its delay
         assert m.topic == "shared/wd/dev-10"
+        time.sleep(max(0.0, lost + 2.5 - time.monotonic()))
+        assert [m.topic for m in watcher.messages] == ["shared/wd/dev-10"]  # dev-09 came back in time: no will
+        back.drop()  # this connection had no will
     finally:
         watcher.close()
 
@@ -437,7 +440,7 @@ def test_lab_listener_plain_tcp_open_acl(fleet: Fleet, mosquitto: Mosquitto, gat
         time.sleep(0.3)
         assert real.connected.is_set() and imposter.connected.is_set()
         imposter.close()
-        empty = PahoDevice(None, lab_port, "").start()
+        empty = PahoDevice(None, lab_port, "", reconnect_on_failure=False).start()
         assert empty.connack is not None and empty.connack.value == 0x85
         empty.client.loop_stop()
     finally:

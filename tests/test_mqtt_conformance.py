@@ -17,7 +17,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Fleet, GatewayProcess, Mosquitto, free_port, wait_until
-from mqtt_peers import V5, V311, PahoDevice, RawClient, props
+from mqtt_peers import V5, V311, Got, PahoDevice, RawClient, props
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -84,12 +84,15 @@ def test_connack_v5_states_limits_assigns_no_id_and_refuses_mqtt31_and_enhanced_
         assert not hasattr(p, "AssignedClientIdentifier")
     finally:
         dev.close()
-    old = PahoDevice(fleet.device_context("dev-00"), gw.port, "dev-00", protocol=mqtt.MQTTv31).start()
+    # Refused devices: reconnect_on_failure=False, or loop_stop() waits out paho's 1 s reconnect delay.
+    old = PahoDevice(fleet.device_context("dev-00"), gw.port, "dev-00", protocol=mqtt.MQTTv31,
+                     reconnect_on_failure=False).start()
     old.client.loop_stop()
     assert old.connack is not None and old.connack.is_failure and not old.connected.is_set()
     assert "protocol" in str(old.connack).lower()  # 3.1.1 return code 1: unacceptable protocol version
     auth = PahoDevice(fleet.device_context("dev-10"), gw.port, "dev-10",
-                      connect_props=props(PacketTypes.CONNECT, AuthenticationMethod="SCRAM-SHA-1")).start()
+                      connect_props=props(PacketTypes.CONNECT, AuthenticationMethod="SCRAM-SHA-1"),
+                      reconnect_on_failure=False).start()
     auth.client.loop_stop()
     assert auth.connack is not None and auth.connack.value == 0x8C and not auth.connected.is_set()
 
@@ -168,8 +171,7 @@ def test_retain_handling_0_1_2_and_the_retained_store_is_bounded(fleet: Fleet, g
         def subscribe(flt: str, rh: int) -> list[bytes]:
             before = len(sub.messages)
             sub.subscribe(flt, options=SubscribeOptions(qos=1, retainHandling=rh))
-            time.sleep(0.4)
-            got = sub.messages[before:]
+            got = until_marker(sub, before, "shared/rh/a")
             assert all(m.retain for m in got)
             return [m.payload for m in got]
 
@@ -192,22 +194,34 @@ def test_retain_handling_0_1_2_and_the_retained_store_is_bounded(fleet: Fleet, g
     late = device(fleet, gw, "dev-05")
     try:
         late.subscribe("shared/rh/#", 1)
-        time.sleep(0.4)
-        assert sorted(m.payload for m in late.messages) == [b"A", b"B"]
+        assert sorted(m.payload for m in until_marker(late, 0, "shared/rh/a")) == [b"A", b"B"]
     finally:
         late.close()
 
 
+def until_marker(dev: PahoDevice, before: int, topic: str) -> list[Got]:
+    """What ``dev`` received from its message ``before`` on, up to a live (not retained) marker it publishes now to
+    ``topic``, which one of its filters matches. The gateway queues a subscribe's retained messages right behind its
+    SUBACK, so they are all in before the marker, sent after the SUBACK, comes back: no fixed wait."""
+    mark = f"marker-{time.monotonic_ns()}".encode()
+    dev.client.publish(topic, mark, qos=1)
+    wait_until(lambda: any(m.payload == mark for m in dev.messages[before:]), 5, what=f"the marker on {topic}")
+    got = dev.messages[before:]
+    got = got[:[m.payload for m in got].index(mark)]
+    return [m for m in got if not m.payload.startswith(b"marker-")]  # a later copy of an earlier marker: not ours
+
+
 def test_topic_length_and_levels_disconnect_0x90(fleet: Fleet, gw: GatewayProcess) -> None:
     for topic in ("devices/dev-06/" + "x" * 64, "devices/dev-06/a/b/c/d/e"):  # 79 chars > 64; 7 levels > 6
-        dev = device(fleet, gw, "dev-06")
+        dev = device(fleet, gw, "dev-06", reconnect_on_failure=False)  # disconnected: no retry wanted
         try:
             dev.client.publish(topic, b"x", qos=1)
             wait_until(disconnected(dev), 5, what="DISCONNECT")
             assert dev.disconnect_reason.value == 0x90, (topic, dev.disconnect_reason)
         finally:
             dev.client.loop_stop()
-    old = device(fleet, gw, "dev-06", protocol=V311)  # 3.1.1 has no reason code: the connection is closed
+    # 3.1.1 has no reason code: the connection is closed
+    old = device(fleet, gw, "dev-06", protocol=V311, reconnect_on_failure=False)
     try:
         old.client.publish("devices/dev-06/" + "x" * 64, b"x", qos=1)
         wait_until(lambda: old.disconnect_reason is not None, 5, what="close")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,10 +84,20 @@ def test_install_script_stages_a_venv_unit_and_config(tmp_path: Path) -> None:
                            "print(len(resources.files('edgegw.admin').joinpath('status.html').read_bytes()))"],
                           capture_output=True, text=True, timeout=60)
     assert page.returncode == 0 and int(page.stdout) > 1000, page.stderr
-    # Running it again upgrades in place and keeps the config.
+    # Running it again keeps the config, skips pip (this checkout is what is installed) and still fixes up the
+    # unit and the permissions.
     before = config_path.read_text()
+    unit = stage / "etc" / "systemd" / "system" / "edgegw.service"
+    unit.write_text("stale")
+    config.tls.key.chmod(0o644)
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "install.sh"), "--root", str(stage)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "keeping the existing" in proc.stdout
+    assert "already installed" in proc.stdout and "pip skipped" in proc.stdout, proc.stdout
+    assert re.fullmatch(r"[0-9a-f]{64}\n", (stage / "opt" / "edgegw" / ".installed-source").read_text())
     assert config_path.read_text() == before
+    assert unit.read_text() == (ROOT / "systemd" / "edgegw.service").read_text()
+    assert (config.tls.key.stat().st_mode & 0o777) == 0o640
+    assert subprocess.run([str(edgegw), "check-config", str(config_path)], check=False, capture_output=True,
+                          timeout=60).returncode == 0

@@ -68,7 +68,8 @@ def test_v5_session_subscription_and_queue_survive_kill_9(fleet: Fleet, pki: Lab
     wait_until(lambda: len(rows(gw, "SELECT row FROM messages")) == 2, 10, what="queued messages committed")
     # Another device's certificate with dev-01's client id and clean start: refused before any session is looked
     # up, so it can neither end dev-01's session nor touch what is on disk for it.
-    thief = PahoDevice(fleet.device_context("dev-03"), gw.port, "dev-01", protocol=V5, clean=True).start()
+    thief = PahoDevice(fleet.device_context("dev-03"), gw.port, "dev-01", protocol=V5, clean=True,
+                       reconnect_on_failure=False).start()  # refused: no retry after its 1 s delay to wait out
     thief.client.loop_stop()
     assert thief.connack is not None and thief.connack.value == 0x87
     time.sleep(0.2)
