@@ -33,6 +33,10 @@ def _positive(key: str, value: float) -> None:
 class GatewaySettings:
     id: str = "edgegw"
     """Names this gateway upstream (its MQTT client id there) and in logs."""
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "asyncio"
+    """``asyncio`` (the standard loop), ``uvloop`` (libuv's) or ``auto``: uvloop when it is installed
+    (edgegw/runtime.py). ``uvloop`` without it installed is an error. Read at start only. Not yet with CoAP over
+    TLS or the lab listener (docs/OPERATIONS.md "Event loop")."""
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.id):

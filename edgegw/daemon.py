@@ -36,6 +36,7 @@ from edgegw.policy.acl import ACL
 from edgegw.policy.certattrs import Subjects, attribute_oid, subject_value
 from edgegw.policy.limits import Limiter, RegistryClasses, UsageStore
 from edgegw.registry.reload import Credentials
+from edgegw.runtime import running_loop_name
 from edgegw.tlsutil import client_ssl_context
 from edgegw.uplink.paho_bridge import Uplink
 
@@ -115,7 +116,8 @@ class Gateway:
                 log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
                          coap_port=coap.port if coap is not None else None,
                          coap_dtls_port=coap.dtls_port if coap is not None else None,
-                         outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}")
+                         outbox_depth=outbox.depth, upstream=f"{config.uplink.host}:{config.uplink.port}",
+                         event_loop=running_loop_name())  # gateway.event_loop "auto" may have fallen back
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 # What start built lives as long as the process: out of the collector's passes, which otherwise walk
                 # it again and again while messages flow (a full pass over every module, config and certificate).

@@ -15,12 +15,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from asyncio import sslproto
 from pathlib import Path
 from typing import Any
 
+from edgegw import runtime
 from edgegw.errors import EdgegwError
 from edgegw.sim.device import SeqSet
 
@@ -86,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--acked-out", type=Path, help="write every device's acknowledged seqs (JSON) for "
                                                     "`edgegw-sim sink --acked`")
     run.add_argument("--quiet", action="store_true", help="no status line")
+    run.add_argument("--event-loop", choices=runtime.CHOICES, default="asyncio",
+                     help="asyncio (default), uvloop, or auto (uvloop when installed); also for the workers")
 
     sink = commands.add_parser("sink", help="subscribe upstream and check delivery per device")
     sink.add_argument("--host", default="127.0.0.1")
@@ -102,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sink.add_argument("--per-device", action="store_true", help="include per-device counts in the summary")
     sink.add_argument("--json", action="store_true")
     sink.add_argument("--quiet", action="store_true", help="no status line")
+    sink.add_argument("--event-loop", choices=runtime.CHOICES, default="asyncio",
+                      help="asyncio (default), uvloop, or auto (uvloop when installed)")
 
     commands.add_parser("worker", help=argparse.SUPPRESS)  # internal: one process of --processes K
     return parser
@@ -111,15 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Our own process: a device reads CONNACK/PUBACK/PINGRESP only, so asyncio's 256 KiB TLS read buffer per
-    # connection is waste (BRIEF §2). The attribute is process-wide; see TLS_READ_BUFFER.
+    # connection is waste (BRIEF §2). The attribute is process-wide; see TLS_READ_BUFFER. (uvloop's TLS has its
+    # own buffer, allocated but only touched as far as reads go.)
     sslproto.SSLProtocol.max_size = TLS_READ_BUFFER  # type: ignore[attr-defined]
     try:
+        from edgegw.sim.worker import EVENT_LOOP_ENV
+        from edgegw.sim.worker import main as worker_main
+
         if args.command == "worker":
-            from edgegw.sim.worker import main as worker_main
             return worker_main()
+        loop = runtime.choose(args.event_loop, key="--event-loop")
+        os.environ[EVENT_LOOP_ENV] = args.event_loop  # inherited by the workers of --processes K
         if args.command == "sink":
-            return asyncio.run(_sink(args))
-        return asyncio.run(_run(args))
+            return runtime.run(_sink(args), loop)
+        return runtime.run(_run(args), loop)
     except EdgegwError as exc:
         print(f"edgegw-sim: {exc}", file=sys.stderr)
         return 2

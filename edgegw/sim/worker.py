@@ -12,15 +12,20 @@ goes to stderr; the parent shows it.
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from edgegw import runtime
 from edgegw.sim.certs import DeviceIdentity
 from edgegw.sim.runner import FleetRun
 from edgegw.sim.scenario import scenario_from_mapping
+
+EVENT_LOOP_ENV = "EDGEGW_SIM_EVENT_LOOP"
+"""The parent's ``--event-loop`` reaches a worker through the environment (simulate.py starts the workers and
+passes them ours)."""
 
 
 def identities(rows: list[list[str]]) -> list[DeviceIdentity]:
@@ -50,4 +55,4 @@ async def run_job(job: dict[str, Any]) -> int:
 
 def main() -> int:
     job = json.loads(sys.stdin.read())
-    return asyncio.run(run_job(job))
+    return runtime.run(run_job(job), runtime.choose(os.environ.get(EVENT_LOOP_ENV, "asyncio"), key=EVENT_LOOP_ENV))
