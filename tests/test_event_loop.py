@@ -181,11 +181,9 @@ def test_gateway_end_to_end_on_each_loop(event_loop: str, fleet: Fleet, mosquitt
 
 @pytest.mark.skipif(COAP_CLIENT is None, reason="libcoap3-bin (coap-client-openssl) not installed")
 @NEEDS_UVLOOP
-@pytest.mark.xfail(strict=True, reason="coap/tls_listener.py under uvloop: isinstance(transport, asyncio.Transport) "
-                   "fails for uvloop's transports, and pause_reading() in connection_made is ignored, so a "
-                   "ClientHello can reach the plain acceptor and the handshake stalls")
 def test_coaps_tcp_on_uvloop(fleet: Fleet, mosquitto: Mosquitto, gateway_factory: Any) -> None:
-    """Known not to work yet (docs/OPERATIONS.md "Event loop"); strict: once it does, this fails and says so."""
+    """coaps+tcp under uvloop: TLS from the first byte of a plain accepted socket (coap/tls_listener.py), so no
+    ClientHello can reach a plain-text protocol (uvloop reads right after connection_made, paused or not)."""
     gw = start_gateway(gateway_factory, mosquitto, gateway={"event_loop": "uvloop"})
     for i in range(5):
         out = coap(fleet.device("dev-05"), fleet.ca, "post", f"coaps+tcp://127.0.0.1:{gw.coap_port}/ps/telemetry",

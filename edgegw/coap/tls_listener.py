@@ -3,9 +3,10 @@
 aiocoap's own ``tlsserver`` hands the SSLContext to ``loop.create_server`` (private ``_ssl_context``), listens on
 port + 1 of its ``bind``, never limits connections, keeps the context for its lifetime and lets a failed handshake
 vanish into asyncio's logger. So this module replaces only the accepting half, exactly as ``mqtt/server.py`` does:
-a plain TCP acceptor refuses past ``max_connections`` before any TLS work, ``loop.start_tls`` runs the handshake with
-the *current* context (replaced on reload), a failure is logged with who and why (``tls.handshake_failed``), and the
-verified certificate's CN becomes the connection's :attr:`DeviceConnection.device_identity`. The connection is then
+a plain TCP acceptor (``mqtt/_tls_listener.py``) refuses past ``max_connections`` before any TLS work,
+``loop.connect_accepted_socket(ssl=...)`` runs the handshake with the *current* context (replaced on reload), a
+failure is logged with who and why (``tls.handshake_failed``), and the verified certificate's CN becomes the
+connection's :attr:`DeviceConnection.device_identity`. The connection is then
 an ordinary aiocoap ``TcpConnection`` (CSM, Ping/Pong, Release, Abort, message framing) registered with the Context's
 token manager, so the resource site serves it like any aiocoap remote.
 
@@ -29,6 +30,7 @@ from aiocoap.transports.tcp import TcpConnection, TCPServer, _serialize
 
 from edgegw.config import CoAPSettings
 from edgegw.identity import DeviceIdentity, describe_handshake_error, identity_from_peercert
+from edgegw.mqtt._tls_listener import TLSListener as PlainListener
 
 log = structlog.get_logger("edgegw.coap")
 
@@ -111,8 +113,13 @@ class DeviceConnection(TcpConnection):
         if self._transport is not None:
             super().connection_lost(exc)
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called by the TLS layer once the handshake is done; aiocoap's part (host info, our CSM) waits for attach,
+        # after the listener checked the identity. Until then data_received keeps what arrives in _early.
+        pass
+
     def attach(self, transport: asyncio.Transport) -> None:
-        self.connection_made(transport)  # aiocoap: host info, our CSM
+        TcpConnection.connection_made(self, transport)  # aiocoap: host info, our CSM
         early, self._early = self._early, []
         for data in early:
             self.data_received(data)
@@ -167,20 +174,6 @@ class DeviceConnection(TcpConnection):
         self.listener._forget(self)
 
 
-class _Acceptor(asyncio.Protocol):
-    """Lives only until ``start_tls`` replaces it."""
-
-    def __init__(self, listener: TLSListener) -> None:
-        self._listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._listener._on_accept(transport)
-
-    def data_received(self, data: bytes) -> None:  # reading is paused until start_tls
-        pass
-
-
 @dataclass(slots=True)
 class TLSListenerStats:
     accepted: int = 0
@@ -220,8 +213,10 @@ class TLSListener(TCPServer):
         self = cls(settings, ssl_context, log_, authorizer)
         self._tokenmanager = tman
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Acceptor(self), settings.bind, settings.port,
-                                               reuse_address=True, backlog=1024)
+        # Plain accepted sockets, TLS from their first byte (connect_accepted_socket(ssl=...)): no plain-text
+        # protocol that could be handed the ClientHello (uvloop starts reading after connection_made whatever
+        # it did there, so "pause, then start_tls" loses a ClientHello that came early).
+        self.server = await PlainListener.create(settings.bind, settings.port, self._on_accept, backlog=1024)
         if settings.idle_timeout > 0:
             self._sweeper = loop.call_later(settings.idle_timeout / 4, self._sweep)
         return self
@@ -233,33 +228,32 @@ class TLSListener(TCPServer):
 
     # --- accept and handshake ----------------------------------------------------------------------------------
 
-    def _on_accept(self, transport: asyncio.Transport) -> None:
-        peer = _peer(transport)
+    def _on_accept(self, sock: socket.socket, peer: str) -> None:
         if self.draining or len(self._pool) >= self.settings.max_connections:
             self.stats.refused_capacity += 1
             log.warning("coap.connection_refused", peer=peer, reason="draining" if self.draining else "capacity",
                         max_connections=self.settings.max_connections)
-            transport.abort()
+            sock.close()
             return
-        transport.pause_reading()  # start_tls resumes it: nothing is read as plain text
-        _keepalive(transport, self.settings.idle_timeout)
+        _keepalive(sock, self.settings.idle_timeout)
         conn = DeviceConnection(self, peer)
         self._pool.add(conn)
-        task = asyncio.get_running_loop().create_task(self._handshake(transport, conn))
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, conn))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, transport: asyncio.Transport, conn: DeviceConnection) -> None:
+    async def _handshake(self, sock: socket.socket, conn: DeviceConnection) -> None:
         loop = asyncio.get_running_loop()
         try:
-            tls = await loop.start_tls(transport, conn, self.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=self.settings.handshake_timeout)
+            # TLS from the first byte (no plain-text protocol in between); conn.connection_made, called when the
+            # handshake is done, waits for attach() below, after the identity check.
+            tls, _ = await loop.connect_accepted_socket(lambda: conn, sock, ssl=self.ssl_context,
+                                                        ssl_handshake_timeout=self.settings.handshake_timeout)
         except (OSError, TimeoutError, ConnectionError) as exc:  # ssl.SSLError is an OSError
             self.stats.handshake_failed += 1
             log.warning("tls.handshake_failed", peer=conn.peer, reason=describe_handshake_error(exc),
                         listener="coap")
-            transport.abort()
-            self._forget(conn)
+            self._forget(conn)  # the socket is the loop's: it closed it with the failed transport
             return
         if tls is None or conn._lost:
             self._forget(conn)
@@ -372,12 +366,9 @@ class TLSListener(TCPServer):
             await self.server.wait_closed()
 
 
-def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
+def _keepalive(sock: socket.socket, idle: float) -> None:
     """TCP keep-alive probes after ``idle`` seconds of silence (10 min when 0), so a device that lost power while
     observing is found and its connection freed without any traffic of ours."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):  # Linux
@@ -386,8 +377,3 @@ def _keepalive(transport: asyncio.BaseTransport, idle: float) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4)
     except OSError:
         pass
-
-
-def _peer(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
@@ -88,7 +88,8 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.lab:
             return  # TLS connections are attached by MQTTServer._handshake_done once the handshake completes
-        assert isinstance(transport, asyncio.Transport)
+        # Not an isinstance check: uvloop's transports are no subclasses of asyncio.Transport.
+        transport = cast(asyncio.Transport, transport)
         self.peer = _peer(transport)
         server = self.server
         if server._draining or len(server._connections) >= server.settings.max_connections:

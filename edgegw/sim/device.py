@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet, encode_publish
 from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Disconnect, Pingreq, Puback, Publish
@@ -164,8 +165,8 @@ class _Conn(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Not an isinstance check: uvloop's transports are no subclasses of asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.device._on_made(self)
 
     def data_received(self, data: bytes) -> None:

@@ -103,7 +103,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
+        if writer.can_write_eof() and not writer.transport.is_closing():  # uvloop raises on a closed one
             writer.write_eof()
     except (OSError, ConnectionError):
         writer.transport.abort()
