@@ -294,6 +294,40 @@ def test_qos1_inflight_counts() -> None:
 
 
 @pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+def test_ack_committed_sends_the_pubacks_of_a_group_in_order(version: int) -> None:
+    conn = connected(version)
+    ids = [1, 255, 256, 4660, 65535]
+    conn.receive_data(b"".join(enc(Publish("t", b"x", qos=1, packet_id=i), version) for i in ids))
+    assert conn.ack_committed(ids[:4]) == 0
+    assert sent_packets(conn) == [Puback(i) for i in ids[:4]]
+    assert conn.inflight == 1 and conn.awaits_ack(65535)
+    assert conn.ack_committed([65535]) == 0
+    assert conn.data_to_send() == b"\x40\x02\xff\xff"  # the 4-byte Success PUBACK, also under MQTT 5
+    with pytest.raises(RuntimeError):
+        conn.ack_committed([7])  # never received
+
+
+def test_ack_committed_with_qos2_sends_pubrec_and_remembers_the_ids() -> None:
+    conn = connected()
+    conn.receive_data(b"".join(enc(Publish("t", b"x", qos=q, packet_id=i)) for i, q in ((1, 1), (2, 2), (3, 1))))
+    assert conn.ack_committed([1, 2, 3]) == 1
+    assert sent_packets(conn) == [Puback(1), Pubrec(2), Puback(3)]
+    assert conn.session.awaiting_rel == {2} and conn.session.qos2_pending == set()
+    conn.receive_data(enc(Pubrel(2)))
+    assert sent_packets(conn) == [Pubcomp(2)]
+
+
+def test_ack_committed_after_close_sends_nothing_but_keeps_the_qos2_state() -> None:
+    conn = connected()
+    conn.receive_data(b"".join(enc(Publish("t", b"x", qos=q, packet_id=i)) for i, q in ((4, 1), (5, 2))))
+    conn.close(ReasonCode.UNSPECIFIED_ERROR, "connection lost")
+    assert conn.ack_committed([4, 5]) == 1
+    assert conn.data_to_send() == b""
+    assert conn.inflight == 0
+    assert conn.session.awaiting_rel == {5}  # a resend on the next connection gets PUBREC, not a second record
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
 def test_dup_retransmission_in_flight_is_not_a_new_event(version: int) -> None:
     conn = connected(version)
     p = Publish("t", b"x", qos=1, packet_id=9)

@@ -10,6 +10,7 @@ RawClient (our codec over a blocking TLS socket, in a thread) so the exact PUBAC
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 from conftest import Fleet
@@ -17,7 +18,16 @@ from mqtt_peers import RawClient
 from test_mqtt_server import Harness, running
 
 from edgegw.config import ACLSettings
-from edgegw.mqtt.packets import MQTT_5, Connack, Connect, Puback, Publish, ReasonCode
+from edgegw.mqtt.packets import (
+    MQTT_5,
+    MQTT_311,
+    Connack,
+    Connect,
+    Puback,
+    Publish,
+    Pubrec,
+    ReasonCode,
+)
 from edgegw.policy.acl import ACL
 from edgegw.policy.limits import Limiter
 from edgegw.policy.limits_config import LimitsSettings, limits_from_mapping
@@ -86,3 +96,34 @@ async def test_limits_turned_on_by_a_reload_apply_to_the_next_publish(fleet: Fle
         finally:
             client.close()
         assert len(await h.records(5)) == 5
+
+
+async def test_a_group_of_publishes_is_acknowledged_in_order_after_its_commit(fleet: Fleet, tmp_path: Path) -> None:
+    # Two devices' pipelined QoS 1 and QoS 2 publishes land in one group commit; each connection is acknowledged
+    # once for all of its records (Outbox acker): every PUBACK / PUBREC, in order, only after the commit.
+    async with running(fleet, tmp_path, commit_window_ms=300.0) as h:
+        qos = {pid: 2 if pid % 4 == 0 else 1 for pid in range(1, 13)}
+
+        def device(device_id: str) -> list[object]:
+            client = RawClient(h.fleet.device_context(device_id), h.server.port, MQTT_311)
+            try:
+                client.send(Connect(MQTT_311, device_id, True, 30))
+                assert isinstance(client.read(), Connack)
+                client.send(*(Publish(f"devices/{device_id}/t", b"%d" % pid, qos=q, packet_id=pid)
+                              for pid, q in qos.items()))
+                acks = [client.read(10) for _ in qos]
+                with sqlite3.connect(tmp_path / "outbox.db") as db:
+                    on_disk = db.execute("SELECT count(*) FROM records WHERE device_id = ?", (device_id,)).fetchone()[0]
+                return [*acks, on_disk]
+            finally:
+                client.close()
+
+        got = await asyncio.gather(*(asyncio.to_thread(device, d) for d in ("dev-01", "dev-02")))
+        expected = [Pubrec(pid) if q == 2 else Puback(pid) for pid, q in qos.items()]
+        for acks in got:
+            assert acks[:-1] == expected
+            assert acks[-1] == 12  # read back after the acks: the records were committed
+        stats = h.server.stats
+        assert stats.publish_acked == 24
+        assert stats.publish_acked_by_qos[1] == 18 and stats.publish_acked_by_qos[2] == 6
+        assert sum(r.qos for r in await h.outbox.fetch_after(0, 100)) == 18 + 2 * 6

@@ -1,8 +1,9 @@
 """The publish path of a device connection (a mixin of :class:`~edgegw.mqtt.device.DeviceProtocol`).
 
 Synchronous for every message: rate limit (:mod:`edgegw.mqtt._flow`) -> trace context -> ACL (a small per-connection
-cache) -> ``outbox.submit`` or the pipeline (no await, no task) -> local subscribers. The outbox calls
-``_committed`` after the group commit: PUBACK/PUBREC then, written with the rest of the group (``flush_soon``).
+cache) -> ``outbox.submit`` or the pipeline (no await, no task) -> local subscribers. After the group commit the
+outbox calls ``records_committed`` once with the packet ids of all of this connection's records in the group:
+PUBACK/PUBREC then, one write per connection and loop turn (``flush_soon``).
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ class PublishIngress:
         if pipeline is not None:  # routes/transforms/tenants configured (edgegw/pipeline): 0..n records, one ack
             serial = self.identity.serial if self.identity is not None else ""
             tenant = pipeline.tenants.tenant(self.device_id, serial, self._peercert)
+            # The pipeline joins 0..n records into one callback: a callback per message here (not the default).
             done = (None if publish.packet_id is None
-                    else functools.partial(self._committed, publish.packet_id, publish.qos))
+                    else functools.partial(self._committed_one, publish.packet_id))
             spans = None
             if self.server.otel is not None and tp is not None:  # the span ends with the first record's commit
                 done, spans = self.server.otel.ingress(tp, done)
@@ -158,15 +160,17 @@ class PublishIngress:
                 spans.append(first)
             return
         packet_id = publish.packet_id
-        on_commit = None if packet_id is None else functools.partial(self._committed, packet_id, publish.qos)
+        # QoS 1/2: acknowledged by records_committed, once per group for all of this connection's records in it.
+        acker = None if packet_id is None else self
         otel = server.otel
         if otel is not None and tp is not None:  # span export on (edgegw.ingress: arrival -> commit)
-            on_commit, holder = otel.ingress(tp, on_commit)
+            on_commit, holder = otel.ingress(tp, None)
             holder.append(server._outbox.submit(self.device_id, event.topic, publish.payload,
-                                                0 if packet_id is None else publish.qos, on_commit, record_props))
+                                                0 if packet_id is None else publish.qos, on_commit, record_props,
+                                                acker=acker, token=packet_id or 0))
             return
         server._outbox.submit(self.device_id, event.topic, publish.payload, 0 if packet_id is None else publish.qos,
-                              on_commit, record_props)
+                              None, record_props, acker=acker, token=packet_id or 0)
 
     def _peercert(self) -> dict | None:
         """The verified client certificate (for a tenant from its O/OU); None on the lab listener."""
@@ -198,32 +202,43 @@ class PublishIngress:
         if self.engine.state is ConnectionState.CLOSED:
             self._log_closed(self.engine.close_reason)  # type: ignore[arg-type]
 
-    def _committed(self, packet_id: int, qos: int, ok: bool) -> None:
+    def records_committed(self, packet_ids: list[int], ok: bool) -> None:
+        """From the outbox (:class:`~edgegw.outbox.store.CommitAcker`), once per group commit: this connection's
+        publishes in the group, in the order they were received. Acknowledged if committed."""
         engine = self.engine
         server = self.server
         if ok:
             reason = ReasonCode.SUCCESS
-            engine.ack_publish(packet_id)
+            qos2 = engine.ack_committed(packet_ids)
             stats = server.stats
-            stats.publish_acked += 1
-            stats.publish_acked_by_qos[qos] += 1
+            stats.publish_acked += len(packet_ids)
+            by_qos = stats.publish_acked_by_qos
+            by_qos[1] += len(packet_ids) - qos2
+            by_qos[2] += qos2
         else:
-            # Not durable, so not acknowledged: the device keeps the message and resends after reconnecting.
+            # Not durable, so not acknowledged: the device keeps the messages and resends after reconnecting.
             reason = ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR
-            engine.ack_publish(packet_id, reason)
+            for packet_id in packet_ids:
+                engine.ack_publish(packet_id, reason)  # 3.1.1: the first one closes, the others only free their ids
             if engine.state is ConnectionState.CONNECTED:
                 self._log_closed(engine.close(ReasonCode.IMPLEMENTATION_SPECIFIC_ERROR, "outbox commit failed"))
         server.flush_soon(self)
         if engine.state is ConnectionState.CLOSED and self.session_key is not None:
-            # The device may already be back on a new connection of the same session and have resent this QoS 2
-            # message, which that connection adopted (no second record): it gets the PUBREC now.
-            live = self.server.devices.get(self.session_key)
-            if (live is not None and live is not self and live.session is self.session
-                    and live.engine.awaits_ack(packet_id)):
-                live.engine.ack_publish(packet_id, reason)
-                self.server.flush_soon(live)
+            # The device may already be back on a new connection of the same session and have resent these QoS 2
+            # messages, which that connection adopted (no second record): it gets the PUBRECs now.
+            live = server.devices.get(self.session_key)
+            if live is not None and live is not self and live.session is self.session:
+                adopted = [packet_id for packet_id in packet_ids if live.engine.awaits_ack(packet_id)]
+                for packet_id in adopted:
+                    live.engine.ack_publish(packet_id, reason)
+                if adopted:
+                    server.flush_soon(live)
         if self._paused:
             self._maybe_resume()
+
+    def _committed_one(self, packet_id: int, ok: bool) -> None:
+        """A commit callback of one publish (the pipeline's path)."""
+        self.records_committed([packet_id], ok)
 
 
 _ALLOWED_TOPICS_CACHED = 64

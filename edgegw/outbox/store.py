@@ -2,9 +2,10 @@
 
 Group commit: :meth:`Outbox.submit` is synchronous and cheap (no await, no task): it gives the record its id and
 queues it. One writer task (:meth:`Outbox.run`) lingers up to ``commit_window`` or until ``commit_max_records`` are
-queued, writes the whole group in one transaction, and only then calls each record's ``on_commit`` callback, which is
-where the ingress sends PUBACK. So a device is told "yes" only for a record that is on disk (with
-``synchronous=FULL``, fsynced: edge boxes lose power).
+queued, writes the whole group in one transaction, and only then tells the submitters: each record's ``on_commit``
+callback, and each :class:`CommitAcker` (a device connection) once per group with the tokens (packet ids) of all its
+records in it, which is where the ingress sends its PUBACKs. So a device is told "yes" only for a record that is on
+disk (with ``synchronous=FULL``, fsynced: edge boxes lose power).
 
 Deletes after upstream acknowledgement (:meth:`ack`) ride in the same group transactions. A lost delete (crash
 before its commit) only means the record is sent again: at-least-once, never at-most-once.
@@ -22,13 +23,14 @@ uncommitted can leave the box. A row that cannot be decoded is quarantined rathe
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -55,11 +57,23 @@ from edgegw.outbox._upkeep import (
 )
 from edgegw.tracing import trace_id_of
 
-__all__ = ["CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD", "SCHEMA_VERSION",
+__all__ = ["CommitAcker", "CommitCallback", "Outbox", "OutboxFull", "Record", "RECORD_OVERHEAD", "SCHEMA_VERSION",
            "PRIORITY_BULK", "PRIORITY_TELEMETRY", "PRIORITY_ALARM", "MAX_PRIORITY", "record_size"]
 
 CommitCallback = Callable[[bool], None]
 """Called once with True after the record's transaction committed, or False if the commit failed."""
+
+
+class CommitAcker(Protocol):
+    """Who submitted records with ``acker=``: told once per group commit about all of its records in the group."""
+
+    def records_committed(self, tokens: list[int], ok: bool) -> None:
+        """``tokens`` (as given to :meth:`Outbox.submit`, in submit order) of this acker's records in the group:
+        committed if ``ok``, else the transaction failed and they are not stored."""
+
+
+_Acks = dict[CommitAcker, tuple[list[int], list[int]]]
+"""Per acker, the ids of its records awaiting commit and their tokens (two lists in step, ids ascending)."""
 _Pending = tuple[Record, tuple[Any, ...], CommitCallback | None]
 """A record awaiting commit: the record, its ``_INSERT`` parameters (the size last), its callback."""
 
@@ -102,6 +116,7 @@ class Outbox(Upkeep):
         self._next_id = opened.next_id
         self._log = structlog.get_logger("edgegw.outbox")
         self._pending: list[_Pending] = []
+        self._acks: _Acks = {}
         self._to_delete: set[int] = set()
         self._deleting: set[int] = set()
         self._to_quarantine: list[tuple[int, str]] = []
@@ -155,8 +170,12 @@ class Outbox(Upkeep):
 
     def submit(self, device_id: str, topic: str, payload: bytes, qos: int,
                on_commit: CommitCallback | None = None, properties: bytes | None = None,
-               priority: int = PRIORITY_TELEMETRY) -> Record:
-        """Queue a record for the next group commit. Raises :class:`OutboxFull` if it may not be stored."""
+               priority: int = PRIORITY_TELEMETRY, *, acker: CommitAcker | None = None, token: int = 0) -> Record:
+        """Queue a record for the next group commit. Raises :class:`OutboxFull` if it may not be stored.
+
+        Once the group holding it committed (or failed), ``on_commit`` is called for this record, and ``acker``'s
+        :meth:`~CommitAcker.records_committed` once for all of its records in the group, ``token`` among them: a
+        device connection acknowledges a whole group at once instead of running a callback per message."""
         if self._stopping:
             raise OutboxError("outbox is closing")
         if not 0 <= priority <= MAX_PRIORITY:
@@ -186,6 +205,13 @@ class Outbox(Upkeep):
         # commit time (both on the event loop).
         self._pending.append((record, (rid, device_id, topic, payload, qos, now, properties, priority, size),
                               on_commit))
+        if acker is not None:
+            acks = self._acks.get(acker)
+            if acks is None:
+                self._acks[acker] = ([rid], [token])
+            else:
+                acks[0].append(rid)
+                acks[1].append(token)
         if len(self._pending) == 1:
             self._wake.set()
         elif len(self._pending) >= self._settings.commit_max_records and self._group_full is not None:
@@ -329,9 +355,29 @@ class Outbox(Upkeep):
                 return
             seen = len(self._pending)
 
+    def _take_acks(self, group: list[_Pending]) -> _Acks:
+        """The acker tokens of the records in ``group`` (just taken off the front of the queue)."""
+        acks = self._acks
+        if not acks:
+            return {}  # not ``acks``: records submitted during this commit go into self._acks, for the next group
+        if not self._pending:  # the common case: the group is the whole queue
+            self._acks = {}
+            return acks
+        # The group is a prefix of the queue, whose ids ascend: each acker's first records up to the group's last id.
+        last = group[-1][0].id
+        taken: _Acks = {}
+        for acker, (ids, tokens) in acks.items():
+            k = bisect.bisect_right(ids, last)
+            if k:
+                taken[acker] = (ids[:k], tokens[:k])
+                del ids[:k], tokens[:k]
+        self._acks = {acker: entry for acker, entry in acks.items() if entry[0]}
+        return taken
+
     async def _commit_group(self) -> None:
         group = self._pending[: self._settings.commit_max_records]
         del self._pending[: len(group)]
+        acks = self._take_acks(group)
         deletes = self._to_delete
         self._to_delete = set()
         self._deleting = deletes
@@ -346,6 +392,8 @@ class Outbox(Upkeep):
         ok = True
         expired: dict[str, int] = {}
         dropped: dict[str, int] = {}
+        # The group's columns in one C-level pass instead of a comprehension (or a loop) over the records for each.
+        records, rows, on_commits = zip(*group) if group else ((), (), ())
         # The common group (inserts and deletes, no upkeep due): one hop to the SQLite thread for the whole
         # transaction instead of one per statement (each hop is a thread wake-up and a GIL hand-off).
         fast = not (quarantine or expire or now - self._disk_checked >= _DISK_CHECK_EVERY
@@ -354,7 +402,7 @@ class Outbox(Upkeep):
         try:
             if fast:
                 self._forget_counted(await self._writer._execute(  # aiosqlite is pinned exactly (pyproject.toml)
-                    self._write_group, deletes, [row for _, row, _ in group]))
+                    self._write_group, deletes, rows))
             else:
                 await self._commit_slow(group, deletes, quarantine, expire, now, expired, dropped)
         except sqlite3.Error as exc:
@@ -392,18 +440,24 @@ class Outbox(Upkeep):
             if group:
                 before = self._committed_id
                 self._committed_id = group[-1][0].id
-        for record, _, callback in group:
-            if callback is not None:
-                try:
-                    callback(ok)
-                except Exception:  # one broken connection must not stop the writer
-                    self._log.exception("outbox.callback_failed", record_id=record.id)
+        if on_commits.count(None) != len(on_commits):  # device connections use ``acks``: often no callback at all
+            for record, callback in zip(records, on_commits):
+                if callback is not None:
+                    try:
+                        callback(ok)
+                    except Exception:  # one broken connection must not stop the writer
+                        self._log.exception("outbox.callback_failed", record_id=record.id)
+        for acker, (ids, tokens) in acks.items():
+            try:
+                acker.records_committed(tokens, ok)
+            except Exception:  # noqa: BLE001 - one broken connection must not stop the writer
+                self._log.exception("outbox.callback_failed", record_id=ids[0], records=len(ids))
         if ok and group:
             if self._handoffs:
-                records = [r for r, _, _ in group]
+                handed = list(records)
                 for handoff in list(self._handoffs):
                     try:
-                        handoff(before, records)
+                        handoff(before, handed)
                     except Exception:  # the uplink's problem must not stop the writer
                         self._log.exception("outbox.callback_failed", callback="handoff")
             for listener in list(self._listeners):
@@ -448,7 +502,7 @@ class Outbox(Upkeep):
         await self._writer.execute("COMMIT")
         await self._writer.execute("BEGIN")
 
-    def _write_group(self, deletes: set[int], rows: list[tuple[Any, ...]]) -> list[tuple[bytes, int, int]]:
+    def _write_group(self, deletes: set[int], rows: Sequence[tuple[Any, ...]]) -> list[tuple[bytes, int, int]]:
         """On the SQLite thread: a whole common group transaction; returns what was deleted, per device."""
         conn = self._writer._conn
         gone = delete_acknowledged(conn, deletes)
