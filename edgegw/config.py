@@ -218,6 +218,9 @@ class OutboxSettings:
     """Seconds a record may wait for the upstream; older ones are deleted and counted as expired. 0: no limit."""
     min_free_bytes: int = 64 * 1024 * 1024
     """Disk headroom: the outbox stops growing (``full_policy`` applies) before the filesystem has less free."""
+    lock_timeout: float = 5.0
+    """Seconds a commit waits while another SQLite connection holds the file's write lock (a backup tool, an
+    operator's ``sqlite3`` shell) before it fails: the devices of that group are not acknowledged and resend."""
     full_policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"
     """When full: evict the oldest records of the device holding the most, or refuse new records (MQTT 5 PUBACK
     0x97, backpressure on 3.1.1). A device over its fair share is refused first."""
@@ -234,6 +237,8 @@ class OutboxSettings:
             raise ConfigError("outbox.ttl", f"must be >= 0 (0: no limit), got {self.ttl}")
         if self.min_free_bytes < 0:
             raise ConfigError("outbox.min_free_bytes", f"must be >= 0, got {self.min_free_bytes}")
+        if not 0 < self.lock_timeout <= 600:
+            raise ConfigError("outbox.lock_timeout", f"must be > 0 and <= 600 seconds, got {self.lock_timeout}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,17 +33,18 @@ PERSISTENT = Properties({PropertyId.SESSION_EXPIRY_INTERVAL: 60})
 def test_pubrec_only_after_the_commit_0x83_when_it_fails_and_the_resend_is_one_record(
         fleet: Fleet, mosquitto: Mosquitto, gateway_factory: Any, sink_factory: Any) -> None:
     sink = sink_factory(mosquitto, topic="cloud/#")
-    gw = gateway_factory(mosquitto).start()
+    # outbox.lock_timeout 1.5 s: how long the gateway's commit waits for the lock held below before it fails.
+    gw = gateway_factory(mosquitto, overrides={"outbox": {"lock_timeout": 1.5}}).start()
     ctx = fleet.device_context("dev-01")
     c = RawClient(ctx, gw.port, MQTT_5)
     c.send(Connect(MQTT_5, "dev-01", True, 30, properties=PERSISTENT))
     assert isinstance(c.read(), Connack)
     lock = sqlite3.connect(gw.folder / "outbox.db", timeout=1, isolation_level=None)
     try:
-        lock.execute("BEGIN IMMEDIATE")  # holds the write lock: the gateway's commit waits (busy timeout 5 s)
+        lock.execute("BEGIN IMMEDIATE")  # holds the write lock: the gateway's commit waits (lock_timeout)
         c.send(Publish("devices/dev-01/q2", b"once", 2, packet_id=3))
         try:
-            early = c.read(2.0)
+            early = c.read(1.0)  # within the 1.5 s the commit waits: nothing may come back yet
         except TimeoutError:
             early = None
         assert early is None, f"acknowledged before the commit: {early}"

@@ -244,3 +244,23 @@ def test_record_is_frozen_with_its_own_constructor() -> None:
         record.id = 8  # type: ignore[misc]
     assert dataclasses.replace(record, priority=PRIORITY_ALARM).priority == PRIORITY_ALARM
     assert hash(record) == hash(Record(7, "d", "devices/d/t", b"p", 1, 12.5))
+
+
+async def test_lock_timeout_is_how_long_both_connections_wait_for_another_writer(tmp_path: Path) -> None:
+    """outbox.lock_timeout becomes SQLite's busy timeout of the writer and the reader (a backup tool holding the
+    write lock delays a commit that long, then the commit fails and the devices are not acknowledged)."""
+    outbox = await Outbox.open(settings(tmp_path, lock_timeout=1.5))
+    try:
+        for conn in (outbox._writer, outbox._reader):
+            async with conn.execute("PRAGMA busy_timeout") as cur:
+                assert (await cur.fetchone())[0] == 1500  # type: ignore[index]
+    finally:
+        await outbox.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, 601])
+def test_lock_timeout_out_of_range_names_the_key(tmp_path: Path, value: float) -> None:
+    from edgegw.errors import ConfigError
+    with pytest.raises(ConfigError) as info:
+        settings(tmp_path, lock_timeout=value)
+    assert "outbox.lock_timeout" in str(info.value)

@@ -83,26 +83,27 @@ def device_key(raw: bytes | str) -> str:
     return raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
 
 
-async def open_database(path: Path, synchronous: str) -> Opened:
+async def open_database(path: Path, synchronous: str, lock_timeout: float = 5.0) -> Opened:
     log = structlog.get_logger("edgegw.outbox")
     try:
-        return await _open(path, synchronous)
+        return await _open(path, synchronous, lock_timeout)
     except _Corrupt as exc:
         aside = _move_aside(path)
         log.error("outbox.corrupt_moved_aside", path=str(path), moved_to=str(aside), error=str(exc),
                   action="a new, empty outbox was created; the records in the old file were NOT sent")
     try:
-        return await _open(path, synchronous)
+        return await _open(path, synchronous, lock_timeout)
     except _Corrupt as exc:
         raise OutboxError(f"outbox {path}: still corrupt after moving the old file aside: {exc}") from None
 
 
-async def _open(path: Path, synchronous: str) -> Opened:
+async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
     writer = reader = None
     try:
         # Room for every statement the writer prepares (up to 100 multi-row INSERT sizes, the DELETE shapes, upkeep):
         # past sqlite3's default of 128 they would be evicted and re-prepared, ~1.5 us per row of an INSERT.
-        writer = await aiosqlite.connect(path, isolation_level=None, cached_statements=WRITER_STATEMENTS)
+        writer = await aiosqlite.connect(path, timeout=lock_timeout, isolation_level=None,
+                                         cached_statements=WRITER_STATEMENTS)
         writer.text_factory = bytes  # a damaged row must not make a whole read fail: decode ourselves
         fresh = not path.exists() or path.stat().st_size == 0
         if fresh:
@@ -147,7 +148,7 @@ async def _open(path: Path, synchronous: str) -> Opened:
                 entry[0] += count
                 entry[1] += size or 0
         await writer.execute("BEGIN")  # the writer always holds an open transaction between group commits
-        reader = await aiosqlite.connect(path, isolation_level=None)
+        reader = await aiosqlite.connect(path, timeout=lock_timeout, isolation_level=None)
         reader.text_factory = bytes
         await reader.execute("PRAGMA query_only=1")
         return Opened(writer, reader, high + 1, usage)

@@ -228,7 +228,7 @@ class Upkeep:
                 await self._writer.execute("PRAGMA busy_timeout=50")
                 async with self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
                     await cur.fetchall()
-                await self._writer.execute("PRAGMA busy_timeout=5000")
+                await self._writer.execute(f"PRAGMA busy_timeout={round(self._settings.lock_timeout * 1000)}")
                 await self._writer.execute("BEGIN")
                 return False
             await self._writer.execute("COMMIT")

@@ -120,7 +120,7 @@ class Outbox(UplinkReads, GroupWriter):
     async def open(cls, settings: OutboxSettings) -> Outbox:
         path = settings.path
         _check_writable(path)
-        opened = await open_database(path, settings.synchronous)
+        opened = await open_database(path, settings.synchronous, settings.lock_timeout)
         outbox = cls(settings, opened)
         outbox._refresh_disk_limit(await outbox._freelist_bytes())
         outbox._log.info("outbox.opened", path=str(path), depth=outbox._count, bytes=outbox._bytes,
