@@ -160,7 +160,7 @@ class RecordWire:
         if entry is False:
             upstream = upstream_topic(self._prefix, device, topic)
             encoded = upstream.encode()
-            entry = None if "+" in upstream or "#" in upstream or len(encoded) > 65535 else (
+            entry = None if _unsendable(upstream, b"", None, None) is not None else (
                 upstream, len(encoded).to_bytes(2, "big") + encoded)
             if len(self._topics) >= _TOPIC_CACHE_MAX:  # a fleet beyond the cache: start over rather than grow
                 self._topics.clear()
