@@ -138,6 +138,10 @@ class PahoDevice:
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT (as a lost link would)."""
+        # No reconnect after this: otherwise paho's network thread, seeing the link lost, sleeps out its reconnect
+        # delay (1 s) and loop_stop() waits for it, so the gateway saw the loss up to 1 s before drop() returns
+        # (a will delay measured from here then looked 1 s short). paho 2.2 has no public setter for this flag.
+        self.client._reconnect_on_failure = False
         sock = self.client.socket()
         if isinstance(sock, socket.socket):  # ssl.SSLSocket included
             # Shut the TCP socket down under paho first (a FIN, no DISCONNECT, no TLS close_notify): its network
