@@ -299,3 +299,32 @@ async def test_broker_limits_retain_handling_and_window(tmp_path: Path) -> None:
     peer.backlogged = True
     assert broker.route(Message("devices/dev-01/t", b"q0", 0)) == 0
     broker.close()
+
+
+async def test_a_late_end_of_a_taken_over_connection_leaves_the_resumed_session_alone(tmp_path: Path) -> None:
+    """The old connection's end arriving after a new one resumed the session (its close was still queued): the new
+    connection's will is neither published nor dropped, and the session is not discarded with the old expiry 0."""
+    from edgegw.config import MQTTSettings
+    from edgegw.mqtt.broker import LocalBroker
+    from edgegw.mqtt.packets import ReasonCode, Subscribe, Will
+
+    published: list[tuple[str, Message]] = []
+    broker = LocalBroker(MQTTSettings(session_store=tmp_path / "s"), lambda k, m: published.append((k, m)))
+    session, _ = broker.open_session("dev-01", clean_start=False)
+    old = FakePeer(session.state)
+    broker.attach(session, old, Will("t/old", b"old", 1, False))  # type: ignore[arg-type]
+    broker.subscribe(session, Subscribe(1, (("cmd/#", SubscriptionOptions(1)),)), ACL.allow_all(), "dev-01")
+    again, present = broker.open_session("dev-01", clean_start=False)
+    assert again is session and present
+    new = FakePeer(session.state)
+    new_will = Will("t/new", b"new", 1, False)
+    broker.attach(session, new, new_will)  # type: ignore[arg-type]
+    broker.connection_ended(session, old, 0, ReasonCode.UNSPECIFIED_ERROR)  # type: ignore[arg-type]
+    assert published == []
+    assert broker.sessions["dev-01"] is session and broker.live["dev-01"] is new
+    assert session.will is new_will and session.filters
+    # The new connection's own end still does what it should: its will goes.
+    broker.connection_ended(session, new, 0, ReasonCode.UNSPECIFIED_ERROR)  # type: ignore[arg-type]
+    assert [(k, m.topic) for k, m in published] == [("dev-01", "t/new")]
+    assert "dev-01" not in broker.sessions
+    broker.close()

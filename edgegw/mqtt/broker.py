@@ -174,8 +174,13 @@ class LocalBroker:
     def connection_ended(self, session: Session, peer: Peer, expiry: int, reason: ReasonCode) -> None:
         """The device's connection is gone. ``reason`` SUCCESS is a normal DISCONNECT (no will)."""
         key = session.device_id
-        if self.live.get(key) is peer:
+        current = self.live.get(key)
+        if current is peer:
             del self.live[key]
+        elif current is not None:
+            # Another connection has resumed this session already: its will, expiry and subscriptions are the new
+            # connection's now, and an old connection's late end must not publish that will or discard the session.
+            return
         if self.sessions.get(key) is not session:
             return  # already replaced by a clean-start connection
         session.expiry = expiry

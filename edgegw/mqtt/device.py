@@ -331,6 +331,10 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
     def close(self, reason: ReasonCode, detail: str) -> None:
         if self.engine.state is not ConnectionState.CLOSED:
             self._log_closed(self.engine.close(reason, detail))
+        elif self.engine.close_reason is not None:
+            # Closed by a packet still queued behind a held publish: the session is handed back now, before a
+            # takeover resumes it (connection_lost would do it later, too late for this connection's will).
+            self._end(self.engine.close_reason)
         self.flush()
         if self.transport is None:
             self.abort()
