@@ -57,6 +57,28 @@ async def test_both_clients_deliver_in_order_with_live_records_handed_over_in_me
     assert uplink.handed_off == len(live), "live records were read back from SQLite"
 
 
+async def test_puback_reads_refill_the_window_without_waking_the_pump(
+        mosquitto: Mosquitto, sink_factory: Callable[..., Sink], pki: LabPKI, outbox: Outbox) -> None:
+    """Room made by PUBACKs is refilled from the live lane in the same loop turn (refill()), so the pump task sleeps
+    while the live lane has records: it wakes when a lane runs dry, not once per read of PUBACKs."""
+    sink = sink_factory(mosquitto, topic="edgegw/#")
+    devices = ["r1", "r2"]
+    uplink = make_uplink(uplink_settings(mosquitto, pki, inflight_window=10), outbox)
+    async with running(uplink):
+        await eventually(lambda: uplink.connected, 10, "connected")
+        link = uplink._link
+        assert isinstance(link, NativeLink)
+        records = submit(outbox, devices, 3000)  # three groups of commit_max_records, handed over in memory
+        await eventually(lambda: outbox.depth == 0 and uplink.acked == 3000, 15, "all acknowledged")
+        messages = await sink.until(lambda m: len(m) >= 3000, 10)
+        # 3,000 records through a window of 10 take >= 300 reads of PUBACKs; the pump slept a few times per group.
+        assert uplink.handed_off == len(records)
+        assert link.waits < 60, (link.waits, link.writes)
+    by_device = seqs_by_device(messages)
+    assert by_device == {d: sorted(s) for d, s in by_device.items()}, "out of order within a device"
+    assert sum(len(s) for s in by_device.values()) == 3000
+
+
 async def test_receive_maximum_of_the_server_is_honoured(
         mosquitto_factory: Callable[..., Mosquitto], sink_factory: Callable[..., Sink], pki: LabPKI,
         outbox: Outbox) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from edgegw.mqtt.packets import ReasonCode
@@ -32,6 +33,11 @@ def reason_name(code: int) -> str:
         return ReasonCode(code).name.replace("_", " ").capitalize()
     except ValueError:
         return "Unknown reason code"
+
+
+def _wake_up(slot: asyncio.Future[None]) -> None:
+    if not slot.done():
+        slot.set_result(None)
 
 
 class LinkBase:
@@ -73,6 +79,10 @@ class LinkBase:
         self.command_mid = -1  # packet id of the command-topic SUBSCRIBE
         self.commands_subscribed = False
         self.poked = False
+        self.waits = 0  # times the pump slept on this link (tests: refill() keeps it asleep while it can)
+        self.refill: Callable[[], bool] | None = None
+        """Set by the pump (native client only): called after PUBACKs were read, it refills the window from the
+        live lane at once; True when the pump must still run."""
 
     # --- what a client implements -----------------------------------------------------------------------------
 
@@ -108,10 +118,15 @@ class LinkBase:
         if self.poked or self.lost.done():
             self.poked = False
             return
-        self.slot = self.loop.create_future()
+        self.waits += 1
+        slot = self.slot = self.loop.create_future()
+        # A timer handle rather than asyncio.wait(timeout=): the pump waits once per loop turn with traffic, and
+        # asyncio.wait builds a waiter future, callbacks and a set each time.
+        timer = self.loop.call_later(timeout, _wake_up, slot)
         try:
-            await asyncio.wait((self.slot,), timeout=timeout)
+            await slot
         finally:
+            timer.cancel()
             self.slot = None
             self.poked = False
 

@@ -256,7 +256,12 @@ class NativeLink(LinkBase, asyncio.Protocol):
             self._in = bytearray(buf[pos:])
         elif self._in:
             self._in = bytearray()
-        self._wake()
+        refill = self.refill
+        if refill is None or refill():
+            self._wake()
+        if self._flush_handle is not None:  # what the refill published goes now, not a loop turn later
+            self._flush_handle.cancel()
+            self._flush()
 
     def _frame_end(self, buf: bytes | bytearray, pos: int, n: int) -> int:
         """End offset of the packet starting at ``pos``, or -1 if it is not complete yet."""

@@ -263,7 +263,35 @@ class Uplink:
         cursor = boundary
         live: deque[Record] = deque()
         batching = s.batch_max_records > 1
-        fetching = False
+        fetching = backfill_fetching = False
+
+        def send_one(record: Record) -> bool | None:
+            return self._send(link, record)
+
+        def refill() -> bool:
+            """Room in the window (PUBACKs just read) or a group just handed over: fill it now, in this loop turn,
+            as the pump would (the live lane first, then the backlog at its pace), rather than wake the pump task:
+            a task wake and a loop turn per read of PUBACKs is latency that the upstream's Receive Maximum turns
+            into lost throughput. Returns True when the pump must run: a read of SQLite is due (or under way), the
+            pace says wait, frames are on, the socket buffer is full, or the link is lost."""
+            if batching or fetching or backfill_fetching or link.paused or link.lost.done():
+                return True
+            room = link.window - len(link.inflight)
+            if live:
+                if room > 0:
+                    room -= self._publish(link, live, room)
+                if live or link.lost.done():
+                    return link.lost.done()
+            if outbox.committed_id > cursor:
+                return True  # live records that were not handed over: read from SQLite first
+            if backfill is None or room <= 0 or backfill.done:
+                return False
+            if backfill.needs_fetch:
+                return True
+            paced, delay = backfill.send(room, send_one)
+            self.sent += paced
+            self._probe(link)
+            return delay is not None or backfill.needs_fetch or link.lost.done() or not paced
 
         def handoff(before: int, records: list[Record]) -> None:
             """A group the outbox just committed. Taken only when it is exactly what the live lane would read
@@ -274,9 +302,12 @@ class Uplink:
                 live.extend(records)
                 cursor = records[-1].id
                 self.handed_off += len(records)
-            link.poke()
+            if link.refill is None or refill():
+                link.poke()
 
         outbox.add_handoff(handoff)
+        if link.encoded:
+            link.refill = refill
         try:
             while not link.lost.done():
                 high = outbox.committed_id
@@ -294,7 +325,11 @@ class Uplink:
                             cursor = high  # every record up to ``high`` is settled (acknowledged, quarantined)
                         continue
                     if backfill is not None and backfill.needs_fetch:
-                        await backfill.fetch()
+                        backfill_fetching = True  # refill() leaves the lanes to the pump until it is in
+                        try:
+                            await backfill.fetch()
+                        finally:
+                            backfill_fetching = False
                         continue
                 except sqlite3.Error as exc:
                     self._log.error("uplink.fetch_failed", error=str(exc))
@@ -313,7 +348,7 @@ class Uplink:
                     if link.lost.done():
                         break
                     if sent < room and not live and backfill is not None:
-                        paced, delay = backfill.send(room - sent, lambda r: self._send(link, r))
+                        paced, delay = backfill.send(room - sent, send_one)
                         sent += paced
                         self.sent += paced
                         self._probe(link)
@@ -322,6 +357,7 @@ class Uplink:
                 await link.wait(delay if delay is not None else _POLL_MAX)
             return link.lost.result()
         finally:
+            link.refill = None
             outbox.remove_handoff(handoff)
 
     def _publish(self, link: LinkBase, buffered: deque[Record], room: int) -> int:
