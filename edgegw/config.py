@@ -204,7 +204,7 @@ class ACLSettings:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxSettings:
     path: Path = Path("state/outbox.db")
-    commit_window_ms: float = 5.0
+    commit_window_ms: float = 0.0
     commit_max_records: int = 1000
     synchronous: Literal["full", "normal"] = "full"
     """``full`` fsyncs every group commit and survives power cuts; ``normal`` survives only a killed process."""

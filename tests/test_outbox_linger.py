@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgegw.config import OutboxSettings
+from edgegw.outbox import _writer
 from edgegw.outbox.store import Outbox
 
 pytestmark = pytest.mark.timeout(60)
@@ -30,6 +31,31 @@ async def test_a_quiet_group_is_committed_before_the_window_ends(tmp_path: Path)
                 await asyncio.sleep(0)  # they arrive over several loop turns, as from a device
             assert await asyncio.wait_for(asyncio.gather(*committed), 10) == [True] * 5
         assert outbox.commits == 3  # one group per burst: the quiet spell ends it, not the window
+    finally:
+        outbox.stop()
+        await asyncio.wait_for(writer, 10)
+        await outbox.close()
+
+
+async def test_deletes_alone_linger_but_a_record_ends_it_at_once_by_default(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deletes alone wait to share a transaction (here: far beyond the test's bound); with the default
+    ``commit_window_ms`` (0) a record submitted meanwhile ends that wait: a device waits for its PUBACK."""
+    monkeypatch.setattr(_writer, "_DELETES_WINDOW", 60.0)
+    assert OutboxSettings().commit_window_ms == 0
+    outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db"))
+    writer = asyncio.create_task(outbox.run())
+    try:
+        first: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        record = outbox.submit("dev-1", "devices/dev-1/t", b"1", 1, first.set_result)
+        assert await asyncio.wait_for(first, 10)  # window 0: no wait at all
+        outbox.ack([record.id])  # the writer now lingers on this delete
+        await asyncio.sleep(0.05)
+        assert outbox.depth == 1  # not committed: the delete alone is still waiting
+        second: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        outbox.submit("dev-1", "devices/dev-1/t", b"2", 1, second.set_result)
+        assert await asyncio.wait_for(second, 10)  # the record ended the linger, and the delete went with it
+        assert outbox.depth == 1 and outbox.commits == 2
     finally:
         outbox.stop()
         await asyncio.wait_for(writer, 10)

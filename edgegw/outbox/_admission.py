@@ -120,6 +120,9 @@ class Admission:
                 acks[1].append(token)
         if len(self._pending) == 1:
             self._wake.set()
+            full = self._group_full
+            if full is not None and not self._settings.commit_window_ms and not full.done():
+                full.set_result(None)  # the writer lingers for deletes: a device waits for this one, commit now
         elif len(self._pending) >= self._settings.commit_max_records and self._group_full is not None:
             if not self._group_full.done():
                 self._group_full.set_result(None)

@@ -25,6 +25,10 @@ from edgegw.tracing import trace_id_of
 
 _VACUUM_IDLE = 0.5
 """Seconds without work before the writer gives free pages back to the filesystem."""
+_DELETES_WINDOW = 0.005
+"""A group of deletes alone (upstream PUBACKs, nobody waiting on them) waits at least this long for more: one
+transaction and one fsync for several reads of PUBACKs. Records arriving meanwhile end it within their own
+``commit_window_ms``."""
 _QUIET = 0.001
 """A group of records is committed before ``commit_window_ms`` is over once no record came for this long (and a
 loop turn): devices send what their in-flight window allows and then wait for acknowledgements that only this
@@ -74,12 +78,15 @@ class GroupWriter(Admission, Upkeep):
             else:
                 await self._wake.wait()
             self._wake.clear()
-            # Deletes wait for the window too: a group of them is one transaction (one fsync) instead of one per
-            # batch of upstream PUBACKs; a delete committed late only means a resend after a crash.
-            if (self._pending or self._to_delete) and window > 0 and not self._stopping and \
+            # Records wait at most ``window`` (0 by default: a group is what came in while the previous commit
+            # ran, the devices' PUBACKs wait for nothing else). Deletes alone wait _DELETES_WINDOW: a group of them
+            # is one transaction (one fsync) instead of one per read of upstream PUBACKs; a delete committed late
+            # only means a resend after a crash.
+            limit = window if self._pending else max(window, _DELETES_WINDOW)
+            if (self._pending or self._to_delete) and limit > 0 and not self._stopping and \
                     len(self._pending) < self._settings.commit_max_records:
                 self._group_full = loop.create_future()
-                await self._linger(loop, window)
+                await self._linger(loop, limit, window)
                 self._group_full = None
             await self._commit_group()
             if self._pending or self._to_delete or self._to_quarantine:
@@ -97,20 +104,23 @@ class GroupWriter(Admission, Upkeep):
                     if await self._vacuum_step():
                         self._wake.set()
 
-    async def _linger(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
-        """Wait for more records: until ``window`` is over, the group is full, or (records only) a quiet spell."""
+    async def _linger(self, loop: asyncio.AbstractEventLoop, limit: float, window: float) -> None:
+        """Wait for more: until ``limit`` is over, the group is full, or (records) a quiet spell. Records that join
+        a group of deletes cut its wait to their own ``window`` (submit() ends it at once when that is 0)."""
         full = self._group_full
         assert full is not None
-        deadline = loop.time() + window
+        deadline = loop.time() + limit
         seen = len(self._pending)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
-            # Deletes alone have nobody waiting for them: they take the whole window (fewer fsyncs).
+            # Deletes alone have nobody waiting for them: they take the whole limit (fewer fsyncs).
             await asyncio.wait((full,), timeout=min(remaining, _QUIET) if seen else remaining)
             if full.done() or len(self._pending) == seen:
                 return
+            if not seen:
+                deadline = min(deadline, loop.time() + window)
             seen = len(self._pending)
 
     def _take_acks(self, group: list[_Pending]) -> _Acks:

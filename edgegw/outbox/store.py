@@ -1,8 +1,8 @@
 """The durable outbox: every accepted device message is a row in SQLite (WAL) until the upstream acknowledged it.
 
 Group commit: :meth:`Outbox.submit` is synchronous and cheap (no await, no task): it gives the record its id and
-queues it. One writer task (:meth:`Outbox.run`) lingers up to ``commit_window`` or until ``commit_max_records`` are
-queued, writes the whole group in one transaction, and only then tells the submitters: each record's ``on_commit``
+queues it. One writer task (:meth:`Outbox.run`) takes what was queued while its previous commit ran (lingering up
+to ``commit_window_ms`` if that is above 0, at most ``commit_max_records``), writes the group in one transaction, and only then tells the submitters: each record's ``on_commit``
 callback, and each :class:`CommitAcker` (a device connection) once per group with the tokens (packet ids) of all its
 records in it, which is where the ingress sends its PUBACKs. So a device is told "yes" only for a record that is on
 disk (with ``synchronous=FULL``, fsynced: edge boxes lose power).
