@@ -110,7 +110,11 @@ async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
             await writer.execute("PRAGMA auto_vacuum=INCREMENTAL")  # before the first table: space is returned
         await writer.execute("PRAGMA journal_mode=WAL")
         await writer.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        await writer.execute("PRAGMA journal_size_limit=1048576")  # the WAL file shrinks back after a burst
+        # Above the ~4 MB (1000 pages) at which SQLite checkpoints on its own: under load the WAL is overwritten in
+        # place, rather than cut to the limit and grown again after every checkpoint (new blocks make each fdatasync
+        # commit filesystem metadata too: -1 to -2 us per record on the writer thread, bench/outbox_writer.py
+        # --inflight 3). After a burst it shrinks back to this, and to nothing once the writer is idle (_vacuum_step).
+        await writer.execute("PRAGMA journal_size_limit=8388608")
         if not fresh:
             async with writer.execute("PRAGMA quick_check") as cur:
                 problems = [device_key(r[0]) for r in await cur.fetchall()]
