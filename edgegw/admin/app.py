@@ -7,24 +7,41 @@ at request time (the MQTT engine, outbox and uplink change under us: reads are d
 
 The server runs on the gateway's event loop. If its port cannot be bound the gateway still runs (the data path
 matters more than the dashboard) and ``admin.bind_failed`` is logged as an error.
+
+This module is the admin server's import path and holds :class:`AdminServer` (lifecycle, route table, health,
+metrics, outbox, quarantine, reload, stats, pages); the rest lives in modules of one job each: _devices.py (the
+device routes: list, disconnect, suspend, resume; a mixin), _openapi.py (the answers' JSON schemas and
+:func:`openapi_document`), _listen.py (TLS context, Host names accepted on loopback, URL host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import os
 import ssl
 import time
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from edgegw.admin._devices import DeviceHandlers
+from edgegw.admin._listen import _allowed_hosts, _url_host, admin_ssl_context
+from edgegw.admin._openapi import (
+    _OBJ,
+    API_VERSION,
+    DEVICE_SCHEMA,
+    DEVICE_STATE_SCHEMA,
+    ERROR_SCHEMA,
+    OUTBOX_SCHEMA,
+    REFUSAL_SCHEMA,
+    UPLINK_SCHEMA,
+    _schema_list,
+    openapi_document,
+)
 from edgegw.admin.http import HTTPServer, Request, Response, Route, Router
 from edgegw.ops.logsink import RECENT_REFUSALS
 from edgegw.ops.metrics import (
@@ -33,57 +50,28 @@ from edgegw.ops.metrics import (
     Sampler,
     _num,
     certificate_expiry,
-    protocol_version,
 )
 
 if TYPE_CHECKING:
     from edgegw.daemon import Gateway
 
+__all__ = [
+    "API_VERSION",
+    "DEVICE_SCHEMA",
+    "DEVICE_STATE_SCHEMA",
+    "ERROR_SCHEMA",
+    "OUTBOX_SCHEMA",
+    "REFUSAL_SCHEMA",
+    "UPLINK_SCHEMA",
+    "AdminServer",
+    "admin_ssl_context",
+    "openapi_document",
+]
+
 log = structlog.get_logger("edgegw.admin")
 
-API_VERSION = "1"
-_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain", "ip6-localhost"})
 
-_OBJ = {"type": "object"}
-
-
-def _schema_list(item: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "array", "items": item}
-
-
-DEVICE_SCHEMA = {"type": "object", "required": ["device_id", "protocol", "version"], "properties": {
-    "device_id": {"type": "string"}, "session_key": {"type": "string"}, "peer": {"type": "string"},
-    "protocol": {"type": "string", "enum": ["mqtt"]}, "version": {"type": "string"},
-    "lab": {"type": "boolean"}, "connected_seconds": {"type": "number"},
-    "inflight": {"type": "integer", "description": "QoS 1/2 publishes awaiting their outbox commit"},
-    "keepalive": {"type": "integer"}}}
-OUTBOX_SCHEMA = {"type": "object", "properties": {
-    "depth": {"type": "integer"}, "bytes": {"type": "integer"}, "byte_limit": {"type": "integer"},
-    "pending": {"type": "integer"}, "oldest_age_seconds": {"type": ["number", "null"]},
-    "commits": {"type": "integer"}, "committed_records": {"type": "integer"},
-    "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
-    "expired": {"type": "object", "additionalProperties": {"type": "integer"}},
-    "rejected": {"type": "object", "additionalProperties": {"type": "integer"}},
-    "quarantined": {"type": ["integer", "null"]}, "path": {"type": "string"}}}
-UPLINK_SCHEMA = {"type": "object", "properties": {
-    "state": {"type": "string", "enum": ["connecting", "connected", "down"]},
-    "endpoint": {"type": ["string", "null"]}, "rtt_seconds": {"type": ["number", "null"]},
-    "inflight": {"type": "integer"}, "sent": {"type": "integer"}, "acked": {"type": "integer"},
-    "refused": {"type": "integer"}, "backlog": {"type": "integer"},
-    "drain_eta_seconds": {"type": ["number", "null"]}}}
-REFUSAL_SCHEMA = {"type": "object", "properties": {
-    "time": {"type": "number"}, "event": {"type": "string"}, "device_id": {"type": "string"},
-    "peer": {"type": "string"}, "reason": {"type": "string"}}}
-DEVICE_STATE_SCHEMA = {"type": "object", "required": ["device_id", "state"], "properties": {
-    "device_id": {"type": "string"}, "state": {"type": "string", "enum": ["active", "suspended"]},
-    "previous_state": {"type": "string"}, "reason": {"type": "string"},
-    "reloaded": {"type": "boolean", "description": "the gateway re-read the registry (false: see the log)"},
-    "disconnected": {"type": "boolean", "description": "a live session was closed"}}}
-ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
-                "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
-
-
-class AdminServer:
+class AdminServer(DeviceHandlers):
     def __init__(self, gateway: Gateway, *, writer_task: asyncio.Task[Any] | None = None) -> None:
         self.gateway = gateway
         self.settings = gateway.config.admin
@@ -241,93 +229,6 @@ class AdminServer:
 
     # --- API -------------------------------------------------------------------------------------------------
 
-    def _devices(self) -> list[dict[str, Any]]:
-        server = self.gateway.server
-        loop_now = asyncio.get_running_loop().time()
-        out = []
-        for key, proto in sorted((getattr(server, "devices", None) or {}).items()):
-            accepted = getattr(proto, "_accepted_at", None)
-            engine = getattr(proto, "engine", None)
-            out.append({
-                "device_id": str(getattr(proto, "device_id", None) or key), "session_key": str(key),
-                "peer": str(getattr(proto, "peer", "")), "protocol": "mqtt", "version": protocol_version(proto),
-                "lab": bool(getattr(proto, "lab", False)),
-                "connected_seconds": round(loop_now - accepted, 3) if isinstance(accepted, float) else None,
-                "inflight": int(_num(engine, "inflight") or 0), "keepalive": int(_num(engine, "keepalive") or 0),
-            })
-        return out
-
-    async def devices(self, request: Request) -> Response:
-        devices = self._devices()
-        return Response.json({"count": len(devices), "devices": devices})
-
-    async def disconnect(self, request: Request) -> Response:
-        from edgegw.mqtt.packets import ReasonCode
-
-        device_id = request.params["device_id"]
-        server = self.gateway.server
-        done = bool(server is not None and server.disconnect_device(
-            device_id, ReasonCode.ADMINISTRATIVE_ACTION, "disconnected by the admin API"))
-        if not done:
-            return Response.error(404, f"device {device_id!r} is not connected")
-        log.info("admin.device_disconnected", device_id=device_id)
-        return Response.json({"device_id": device_id, "disconnected": True})
-
-    async def suspend(self, request: Request) -> Response:
-        body = request.json()
-        reason = body.get("reason", "") if isinstance(body, dict) else ""
-        if not isinstance(reason, str):
-            raise ValueError("reason must be a string")
-        return await self._set_state(request.params["device_id"], "suspended", reason[:500])
-
-    async def resume(self, request: Request) -> Response:
-        return await self._set_state(request.params["device_id"], "active", "")
-
-    async def _set_state(self, device_id: str, target: str, reason: str) -> Response:
-        """Suspend or resume in the registry (a worker thread: SQLite may wait for `pki batch`'s lock), then
-        reload it so the gateway acts at once (suspend: the live session is closed by the reload)."""
-        from edgegw.mqtt.packets import ReasonCode
-        from edgegw.registry import DeviceState, Registry, RegistryError
-
-        path = self.gateway.config.registry.path
-        if path is None:
-            return Response.error(409, "no device registry configured (registry.path)")
-
-        def change() -> tuple[str, str] | str:
-            with Registry.open(path, create=False) as registry:
-                device = registry.find(device_id)
-                if device is None:
-                    return "unknown"
-                if device.state is DeviceState.REVOKED:
-                    return "revoked"
-                if str(device.state) == target:
-                    return target, target
-                _, before = registry.set_state(device_id, DeviceState(target), reason)
-                return target, str(before)
-
-        try:
-            outcome = await asyncio.to_thread(change)
-        except RegistryError as exc:
-            return Response.error(409, str(exc))
-        if outcome == "unknown":
-            return Response.error(404, f"device {device_id!r} is not in the registry")
-        if outcome == "revoked":
-            return Response.error(409, f"device {device_id!r} is revoked: issue a new certificate to bring it back")
-        state, previous = outcome
-        server = self.gateway.server
-        was_live = server is not None and device_id in (getattr(server, "devices", None) or {})
-        hook = getattr(self.gateway, "reload", None)
-        reloaded = bool(hook(trigger="admin-api") if callable(hook) else False)
-        if target == "suspended" and was_live and server is not None:
-            # The reload closed the session (0x87); if it was refused (bad TLS material) this closes it (no-op else).
-            server.disconnect_device(device_id, ReasonCode.NOT_AUTHORIZED, "device is suspended (admin API)")
-        disconnected = target == "suspended" and was_live
-        log.info("admin.device_" + ("suspended" if target == "suspended" else "resumed"), device_id=device_id,
-                 previous_state=previous, reason=reason or None, reloaded=reloaded)
-        return Response.json({"device_id": device_id, "state": state, "previous_state": previous,
-                              "reason": reason, "reloaded": reloaded,
-                              **({"disconnected": disconnected} if target == "suspended" else {})})
-
     async def _outbox(self) -> dict[str, Any]:
         outbox = self.gateway.outbox
         facts = await self.reader.refresh(max_age=0.5)
@@ -426,64 +327,6 @@ class AdminServer:
 
     async def openapi(self, request: Request) -> Response:
         return Response.json(openapi_document(self.router.routes))
-
-
-def openapi_document(routes: list[Route]) -> dict[str, Any]:
-    """OpenAPI 3.1 for the admin server, generated from the route table."""
-    paths: dict[str, dict[str, Any]] = {}
-    for route in routes:
-        op: dict[str, Any] = {
-            "summary": route.summary, "tags": [route.tag],
-            "operationId": route.handler.__name__ if hasattr(route.handler, "__name__") else route.pattern,
-            "responses": {},
-        }
-        params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in route.regex.groupindex]
-        params += [{"name": name, "in": "query", "required": False, "schema": {"type": typ},
-                    "description": desc} for name, typ, desc in route.query]
-        if params:
-            op["parameters"] = params
-        for status, description in route.responses.items():
-            response: dict[str, Any] = {"description": description}
-            if status < 400:
-                schema = route.response_schema if route.content_type == "application/json" else {"type": "string"}
-                response["content"] = {route.content_type: {"schema": schema or {}}}
-            else:
-                response["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-            op["responses"][str(status)] = response
-        paths.setdefault(route.pattern, {})[route.method.lower()] = op
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "edgegw admin API", "version": API_VERSION,
-                 "description": "Operations endpoints of one edgegw gateway. Bound to loopback by default; "
-                                "POST bodies, when present, must be application/json."},
-        "servers": [{"url": "/"}],
-        "paths": paths,
-        "components": {"schemas": {"Error": ERROR_SCHEMA, "Device": DEVICE_SCHEMA, "Outbox": OUTBOX_SCHEMA,
-                                   "Uplink": UPLINK_SCHEMA}},
-    }
-
-
-def admin_ssl_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert), str(key))
-    if client_ca is not None:
-        context.load_verify_locations(cafile=str(client_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def _allowed_hosts(bind: str) -> frozenset[str] | None:
-    try:
-        loopback = ipaddress.ip_address(bind).is_loopback
-    except ValueError:
-        loopback = bind in ("localhost",)
-    return _LOOPBACK_NAMES | {bind} if loopback else None
-
-
-def _url_host(bind: str) -> str:
-    return f"[{bind}]" if ":" in bind else bind
 
 
 def _safe_port(server: Any) -> int | None:
