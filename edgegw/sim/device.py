@@ -9,6 +9,11 @@ Each message carries ``{"device": id, "seq": n, "t": unix time, "temp": ...}`` (
 makes of device id, seq and time, see :mod:`.payload`). ``seq`` starts at 1 and never repeats for a device; a
 message that was not acknowledged when the connection dropped is sent again after the reconnect with the same seq
 (and packet id, DUP set), so the cloud side can tell duplicates from loss.
+
+This module is the device's one import path; the code lives in modules of one job each: here :class:`Device`
+(lifecycle, reconnects, publishing, the MQTT wire) and the default payload; _connection.py (the asyncio protocol of a
+connection and the device's events: CONNACK, PUBACK, keepalive timer, a mixin of Device), _seqset.py (:class:`SeqSet`)
+and _latency.py (:class:`LatencySamples`). The names below are the same objects wherever they are imported from.
 """
 
 from __future__ import annotations
@@ -19,89 +24,20 @@ import math
 import random
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
-from edgegw.mqtt.codec import FrameReader, MQTTProtocolError, decode_packet, encode_packet, encode_publish
-from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Disconnect, Pingreq, Puback, Publish
+from edgegw.mqtt.codec import FrameReader, encode_packet, encode_publish
+from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connect, Disconnect, Pingreq, Publish
+from edgegw.sim._connection import ConnectionEvents, _Conn
+from edgegw.sim._latency import LatencySamples
+from edgegw.sim._seqset import SeqSet
+
+__all__ = ["Device", "LatencySamples", "Payload", "SeqSet", "default_payload"]
 
 _PINGREQ = encode_packet(Pingreq(), MQTT_311)  # the same two bytes in 3.1.1 and 5
 _DISCONNECT = {MQTT_311: encode_packet(Disconnect(), MQTT_311), MQTT_5: encode_packet(Disconnect(), MQTT_5)}
 _MAX_PACKET = 64 * 1024  # what a device accepts from the gateway (CONNACK, PUBACK, PINGRESP: a few bytes)
-
-
-class SeqSet:
-    """Sequence numbers (>= 1) seen: "every seq below ``low``" plus the stragglers above it.
-
-    Acknowledgements and deliveries arrive almost in order, so this stays a counter and a small set.
-    """
-
-    __slots__ = ("_low", "_above")
-
-    def __init__(self) -> None:
-        self._low = 1
-        self._above: set[int] = set()
-
-    def add(self, seq: int) -> bool:
-        """Add ``seq``; False if it was already there (or is not a valid seq)."""
-        if seq < self._low:
-            return False
-        if seq == self._low:
-            low = seq + 1
-            above = self._above
-            while low in above:
-                above.remove(low)
-                low += 1
-            self._low = low
-            return True
-        if seq in self._above:
-            return False
-        self._above.add(seq)
-        return True
-
-    def __contains__(self, seq: object) -> bool:
-        return isinstance(seq, int) and (1 <= seq < self._low or seq in self._above)
-
-    def __len__(self) -> int:
-        return self._low - 1 + len(self._above)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from range(1, self._low)
-        yield from sorted(self._above)
-
-    def to_ranges(self) -> list[list[int]]:
-        """``[[first, last], ...]`` inclusive: compact enough to send a fleet's acknowledged seqs as JSON."""
-        ranges: list[list[int]] = [[1, self._low - 1]] if self._low > 1 else []
-        for seq in sorted(self._above):
-            if ranges and ranges[-1][1] == seq - 1:
-                ranges[-1][1] = seq
-            else:
-                ranges.append([seq, seq])
-        return ranges
-
-    @classmethod
-    def from_ranges(cls, ranges: list[list[int]]) -> SeqSet:
-        seqs = cls()
-        for first, last in sorted(ranges):
-            if first == seqs._low:
-                seqs._low = last + 1
-                while seqs._low in seqs._above:
-                    seqs._above.remove(seqs._low)
-                    seqs._low += 1
-            else:
-                for seq in range(first, last + 1):
-                    seqs.add(seq)
-        return seqs
-
-    def count_missing_from(self, other: SeqSet) -> int:
-        """How many of our seqs ``other`` lacks."""
-        missing = sum(1 for s in self._above if s not in other)
-        # The contiguous prefix: only ``other``'s gaps below our ``low`` can be missing.
-        covered = min(self._low, other._low) - 1
-        missing += sum(1 for s in range(covered + 1, self._low) if s not in other._above)
-        return missing
-
 
 Payload = Callable[[str, int, float], bytes]
 """Makes a message body from (device id, seq, unix time)."""
@@ -113,40 +49,6 @@ def default_payload(device_id: str, seq: int, wall: float) -> bytes:
                       separators=(",", ":")).encode()
 
 
-class LatencySamples:
-    """Ack latencies in seconds: all of them up to ``cap``, then a uniform reservoir sample (Algorithm R)."""
-
-    __slots__ = ("_cap", "_seen", "samples", "max")
-
-    def __init__(self, cap: int = 200_000) -> None:
-        self._cap = cap
-        self._seen = 0
-        self.samples: list[float] = []
-        self.max = 0.0
-
-    def add(self, value: float) -> None:
-        self._seen += 1
-        if value > self.max:
-            self.max = value
-        if len(self.samples) < self._cap:
-            self.samples.append(value)
-        else:
-            i = random.randrange(self._seen)
-            if i < self._cap:
-                self.samples[i] = value
-
-    def __len__(self) -> int:
-        return self._seen
-
-    def percentiles(self, *ps: float) -> list[float | None]:
-        """Nearest-rank percentiles (``ps`` in 0..100), None without samples."""
-        if not self.samples:
-            return [None for _ in ps]
-        ordered = sorted(self.samples)
-        n = len(ordered)
-        return [ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] for p in ps]
-
-
 @dataclass(slots=True)
 class _Inflight:
     seq: int
@@ -154,32 +56,7 @@ class _Inflight:
     first_sent: float  # loop time of the first transmission (latency counts from here, across reconnects)
 
 
-class _Conn(asyncio.Protocol):
-    """The asyncio protocol of one connection of a device; events of a connection the device has given up on
-    (a late ``connection_lost`` after a reconnect began) are ignored."""
-
-    __slots__ = ("device", "transport")
-
-    def __init__(self, device: Device) -> None:
-        self.device = device
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Not an isinstance check: uvloop's transports are no subclasses of asyncio.Transport.
-        self.transport = cast(asyncio.Transport, transport)
-        self.device._on_made(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self.device._conn is self:
-            self.device._on_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.device._conn is self:
-            self.device._set_lost(f"connection lost ({type(exc).__name__}: {exc})" if exc
-                                  else "connection closed by gateway")
-
-
-class Device:
+class Device(ConnectionEvents):
     """One simulated device. :meth:`run` keeps it connected (reconnecting with backoff) until :meth:`close`."""
 
     def __init__(self, device_id: str, host: str, port: int, ssl_context: ssl.SSLContext, *,
@@ -397,100 +274,3 @@ class Device:
             pid = pid % 65535 + 1
         self._next_pid = pid % 65535 + 1
         return pid
-
-    # --- connection events (from :class:`_Conn`) -------------------------------------------------------------
-
-    def _on_made(self, conn: _Conn) -> None:
-        assert self._loop is not None and conn.transport is not None
-        self._conn = conn
-        self._transport = conn.transport
-        if self._online is not None and not self._online.is_set():  # went offline during the handshake
-            self.kick()
-            return
-        self._last_rx = self._last_tx = self._loop.time()
-        conn.transport.write(self._hello())
-
-    def _on_data(self, data: bytes) -> None:
-        assert self._loop is not None
-        self._last_rx = self._loop.time()
-        frames = self._frames
-        frames.feed(data)
-        acked = False
-        try:
-            while (frame := frames.next_frame()) is not None:
-                packet = decode_packet(frame[0], frame[1], self.protocol)
-                if isinstance(packet, Puback):
-                    acked |= self._on_puback(packet)
-                elif isinstance(packet, Connack):
-                    self._on_connack(packet)
-                elif isinstance(packet, Disconnect):  # MQTT 5: the gateway says why before it closes
-                    self._set_lost(f"DISCONNECT from gateway: {packet.reason_code.name}")
-                # PINGRESP only refreshes _last_rx; the gateway sends nothing else to a publisher.
-        except MQTTProtocolError as exc:
-            self._set_lost(f"protocol error from gateway: {exc}")
-            if self._transport is not None:
-                self._transport.abort()
-            return
-        if acked:
-            self.pump()
-
-    def _set_lost(self, reason: str) -> None:
-        self.connected = False
-        if self._connack is not None and not self._connack.done():
-            self._connack.set_result(reason)
-        if self._lost is not None and not self._lost.done():
-            self._lost.set_result(reason)
-
-    def _on_connack(self, packet: Connack) -> None:
-        if self._connack is None or self._connack.done():
-            return
-        if packet.reason_code.is_error:
-            self._connack.set_result(f"CONNACK refused: {packet.reason_code.name}")
-            return
-        self._session_up()
-
-    def _session_up(self) -> None:
-        """The gateway accepted us: count it, resend what the last connection left unacknowledged, start pumping."""
-        assert self._connack is not None
-        self.connected = True
-        self.connects += 1
-        self._connack.set_result(None)
-        assert self._transport is not None and self._loop is not None
-        if self._inflight:  # not acknowledged on the previous connection
-            self.resent += len(self._inflight)
-            self._transport.write(b"".join(self._redelivery(m.frame) for m in self._inflight.values()))
-            self._last_tx = self._loop.time()
-        if self.keepalive:
-            self._timer = self._loop.call_later(self.keepalive / 2, self._on_timer)
-        self.pump()
-
-    def _on_puback(self, packet: Puback) -> bool:
-        return self._on_ack(packet.packet_id, not packet.reason_code.is_error)
-
-    def _on_ack(self, pid: int, ok: bool) -> bool:
-        message = self._inflight.pop(pid, None)
-        if message is None:
-            return False  # a late acknowledgement for a resend we already counted
-        assert self._loop is not None
-        if not ok:  # MQTT 5 PUBACK >= 0x80, CoAP 4.xx/5.xx: refused, not stored; the window is free again
-            self.refused += 1
-            return True
-        self.acknowledged += 1
-        self.acked.add(message.seq)
-        self.latencies.add(self._loop.time() - message.first_sent)
-        return True
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        transport, loop = self._transport, self._loop
-        if transport is None or loop is None or not self.connected:
-            return
-        now = loop.time()
-        if now - self._last_rx > 1.5 * self.keepalive:
-            self._set_lost(f"nothing from the gateway for {now - self._last_rx:.1f} s")
-            transport.abort()
-            return
-        if now - self._last_tx >= self.keepalive / 2:
-            transport.write(self._ping())
-            self._last_tx = now
-        self._timer = loop.call_later(self.keepalive / 2, self._on_timer)
