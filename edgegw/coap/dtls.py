@@ -60,6 +60,14 @@ Counters: :class:`DTLSStats` (``server.stats``); ``server.sessions``, ``server.r
 Not here: ``bind`` on a wildcard address replies from the address the kernel picks (bind one address on
 multi-homed hosts). aiocoap (0.4.17) and pyOpenSSL are pinned exactly: TokenManager/MessageManager construction,
 ``OpenSSL._util`` (ERR_clear_error, the PSK callback) are not public API.
+
+Where the code is: this module holds :class:`DTLSServer` (its state, the socket protocol, reload, the sweep,
+shutdown) and :func:`start_dtls_server`, and is the import path of the names in ``__all__``. The server's methods
+of one job each are in mixins: ``_dtls_handshake.py`` (new peers: cookie exchange, admission, the handshake and its
+timer), ``_dtls_traffic.py`` (application data in and out, datagrams, a session's teardown); ``_dtls_conn.py`` holds
+their small helpers (drain a BIO, the peer and the failure as text). Unchanged: ``_dtls_context.py`` (the pyOpenSSL
+context, identity from a certificate), ``_dtls_session.py`` (limits, stats, sessions, the aiocoap remote),
+``_dtls_wire.py`` (ClientHello, cookie, datagram packing), ``_dtls_client.py`` (a test and bench client).
 """
 
 from __future__ import annotations
@@ -70,36 +78,32 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from aiocoap import error as coap_error
-from aiocoap.message import Message
 from aiocoap.messagemanager import MessageManager
 from aiocoap.tokenmanager import TokenManager
 from aiocoap.util import hostportjoin
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
-from edgegw.identity import DeviceIdentity
-
-from ._dtls_context import (
-    DTLSMaterial,
-    build_context,
-    clear_openssl_errors,
-    describe_verify_error,
-    identity_from_certificate,
+from ._dtls_conn import _peer
+from ._dtls_context import DTLSMaterial, build_context
+from ._dtls_handshake import Authorize, DTLSHandshakes, PSKKeys
+from ._dtls_session import (
+    DTLSLimits,
+    DTLSRemote,
+    DTLSStats,
+    ExchangeTuning,
+    MessageInterface,
+    Session,
+    identity_of,
 )
-from ._dtls_session import DTLSLimits, DTLSRemote, DTLSStats, ExchangeTuning, MessageInterface, Session, identity_of
-from ._dtls_wire import CookieJar, client_random, is_client_hello, pack_datagrams
+from ._dtls_wire import CookieJar, client_random, is_client_hello
 
 __all__ = ["DTLSLimits", "DTLSMaterial", "DTLSRemote", "DTLSServer", "DTLSStats", "identity_of",
            "start_dtls_server"]
 
 log = structlog.get_logger("edgegw.coap.dtls")
 
-Authorize = Callable[[DeviceIdentity], "str | None"]
-PSKKeys = Callable[[str], "bytes | None"]
-_BIO_CHUNK = 65536
 
-
-class DTLSServer(asyncio.DatagramProtocol):
+class DTLSServer(DTLSHandshakes, asyncio.DatagramProtocol):
     """The UDP socket, the sessions and their SSL objects. Build with :func:`start_dtls_server`."""
 
     def __init__(self, material: DTLSMaterial, limits: DTLSLimits, authorize: Authorize,
@@ -195,284 +199,7 @@ class DTLSServer(asyncio.DatagramProtocol):
         except Exception as exc:  # a bug here must cost one datagram, never the listener
             log.exception("dtls.datagram_crashed", peer=f"{addr[0]}:{addr[1]}", error=repr(exc))
 
-    # --- new peers: cookie first, state after -------------------------------------------------------------
-
-    def _new_peer(self, data: bytes, addr: tuple[Any, ...], old: Session | None) -> None:
-        if self._draining and not self._closed:
-            log.debug("dtls.datagram_dropped", peer=f"{addr[0]}:{addr[1]}", reason="gateway draining")
-            return
-        if self._closed or not is_client_hello(data):
-            self.stats.dropped_junk += 1
-            log.debug("dtls.datagram_dropped", peer=f"{addr[0]}:{addr[1]}", size=len(data),
-                      reason="not a ClientHello from a peer without a session")
-            return
-        listener = self._listener
-        self._listening_for = addr
-        self._admission = None
-        try:
-            listener.bio_write(data)
-            listener.DTLSv1_listen()
-        except SSL.WantReadError:
-            clear_openssl_errors()
-            answer = _drain(listener)
-            if self._admission is not None:  # valid cookie, but no room: say nothing, the client retries later
-                log.info("dtls.handshake_refused", peer=f"{addr[0]}:{addr[1]}", reason=self._admission)
-            elif answer:
-                self.stats.hello_verify_sent += 1
-                self._sendto(answer, addr)
-            return
-        except SSL.Error as exc:
-            clear_openssl_errors()
-            self.stats.dropped_junk += 1
-            log.debug("dtls.client_hello_dropped", peer=f"{addr[0]}:{addr[1]}", reason=_reason(exc))
-            self._listener = self._new_listener()  # its state after an error is not worth trusting
-            return
-        # The cookie proved the address: the listener becomes this peer's session.
-        self._listener = self._new_listener()
-        if old is not None:
-            self.stats.sessions_replaced += 1
-            self._drop(old, "new handshake from the same address", notify=False)
-        session = Session(listener, addr, self._loop.time(), client_random(data))
-        listener.set_app_data(session)
-        self._sessions[addr] = session
-        self.stats.handshakes_started += 1
-        self.stats.sessions = len(self._sessions)
-        self._handshake(session)
-
-    def _new_listener(self) -> SSL.Connection:
-        conn = SSL.Connection(self._context, None)
-        conn.set_accept_state()
-        conn.set_ciphertext_mtu(self.limits.mtu)
-        return conn
-
-    def _cookie_peer(self, conn: SSL.Connection) -> tuple[Any, ...]:
-        session: Session | None = conn.get_app_data()
-        return session.peer if session is not None else self._listening_for
-
-    def _cookie_generate(self, conn: SSL.Connection) -> bytes:
-        return self._cookies.generate(self._cookie_peer(conn))
-
-    def _cookie_verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        session: Session | None = conn.get_app_data()
-        if session is not None:  # OpenSSL checks the cookie again when the session processes that ClientHello
-            return self._cookies.verify(session.peer, cookie)
-        if not self._cookies.verify(self._listening_for, cookie):
-            return False
-        # Admission happens here, the one moment we know the peer owns its address and before any state exists.
-        if len(self._sessions) >= self.limits.max_sessions and self._listening_for not in self._sessions:
-            self.stats.refused_capacity += 1
-            self._admission = f"session cap reached (coap.dtls_max_sessions = {self.limits.max_sessions})"
-            return False
-        if not self._take_token():
-            self.stats.refused_rate += 1
-            self._admission = f"handshake rate (coap.dtls_handshakes_per_second = {self.limits.handshakes_per_second})"
-            return False
-        return True
-
-    def _take_token(self) -> bool:
-        now = self._loop.time()
-        self._tokens = min(float(self.limits.handshake_burst),
-                           self._tokens + (now - self._tokens_at) * self.limits.handshakes_per_second)
-        self._tokens_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-    # --- handshake ----------------------------------------------------------------------------------------
-
-    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-        session: Session | None = conn.get_app_data()
-        if session is None:  # cannot happen: only sessions handshake
-            return False
-        if not ok:
-            session.refusal = describe_verify_error(errno)
-            return False
-        if depth > 0:
-            return True
-        identity = identity_from_certificate(cert.to_cryptography())
-        if identity is None:
-            session.refusal = "client certificate has no single CN"
-            return False
-        refusal = self._ask(identity)
-        if refusal is not None:
-            session.refusal = refusal
-            return False
-        session.identity = identity
-        return True
-
-    def _psk(self, conn: SSL.Connection, psk_identity: str) -> bytes | None:
-        session: Session | None = conn.get_app_data()
-        if session is None or self._psk_keys is None:
-            return None
-        identity = DeviceIdentity(psk_identity, "", "")  # no certificate: no serial, no expiry
-        try:
-            key = self._psk_keys(psk_identity)
-        except Exception as exc:
-            log.exception("dtls.psk_lookup_crashed", device_id=psk_identity, error=repr(exc))
-            key = None
-        if key is None:
-            session.refusal = "unknown PSK identity"
-            return None
-        refusal = self._ask(identity)
-        if refusal is not None:
-            session.refusal = refusal
-            return None
-        session.identity = identity
-        return key
-
-    def _ask(self, identity: DeviceIdentity) -> str | None:
-        try:
-            return self._authorize(identity)
-        except Exception as exc:  # an authorizer bug refuses the device, it does not kill the handshake path
-            log.exception("dtls.authorize_crashed", device_id=identity.device_id, error=repr(exc))
-            return "authorization failed (internal error)"
-
-    def _handshake(self, session: Session) -> None:
-        conn = session.conn
-        try:
-            conn.do_handshake()
-        except SSL.WantReadError:
-            self._flush(session)
-            self._arm_timer(session)
-            return
-        except SSL.Error as exc:
-            self._flush(session)  # the alert, if OpenSSL wrote one
-            self._fail(session, session.refusal or _reason(exc))
-            return
-        self._flush(session)
-        if session.identity is None:  # verify callback never accepted a leaf: refuse, never serve anonymously
-            self._fail(session, "no verified client certificate")
-            return
-        session.established = True
-        self._cancel_timer(session)
-        session.remote = DTLSRemote(self, session, session.identity)
-        self.stats.handshakes_completed += 1
-        log.info("dtls.session_established", peer=_peer(session), device_id=session.identity.device_id)
-        self._read_app(session)  # application data may have come in the same datagram as Finished
-
-    def _fail(self, session: Session, reason: str) -> None:
-        self.stats.handshakes_failed += 1
-        log.warning("dtls.handshake_failed", peer=_peer(session), reason=reason,
-                    device_id=session.identity.device_id if session.identity else None)
-        self._drop(session, reason, notify=False)
-
-    def _arm_timer(self, session: Session) -> None:
-        self._cancel_timer(session)
-        delay = session.conn.DTLSv1_get_timeout()
-        if delay is not None:
-            session.timer = self._loop.call_later(max(delay, 0.0), self._on_timer, session)
-
-    def _cancel_timer(self, session: Session) -> None:
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
-
-    def _on_timer(self, session: Session) -> None:
-        session.timer = None
-        if self._sessions.get(session.peer) is not session or session.established:
-            return
-        try:
-            session.conn.DTLSv1_handle_timeout()  # retransmits our last flight
-        except SSL.Error as exc:
-            self._fail(session, _reason(exc))
-            return
-        self._flush(session)
-        self._arm_timer(session)
-
-    # --- application data ---------------------------------------------------------------------------------
-
-    def _read_app(self, session: Session) -> None:
-        conn = session.conn
-        while True:
-            try:
-                plaintext = conn.recv(_BIO_CHUNK)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
-                log.info("dtls.session_closed", peer=_peer(session), reason="closed by the device (close_notify)")
-                self._drop(session, "closed by the device", notify=False)
-                return
-            except SSL.Error as exc:
-                self.stats.record_errors += 1
-                log.info("dtls.session_closed", peer=_peer(session), reason=_reason(exc))
-                self._drop(session, _reason(exc), notify=False)
-                return
-            self._deliver(session, plaintext)
-        self._flush(session)
-
-    def _deliver(self, session: Session, plaintext: bytes) -> None:
-        mman = self._mman
-        remote = session.remote
-        if mman is None or remote is None:
-            return
-        try:
-            message = Message.decode(plaintext, remote=remote)
-        except coap_error.UnparsableMessage:
-            self.stats.malformed_coap += 1
-            log.debug("dtls.coap_malformed", peer=_peer(session), size=len(plaintext))
-            return
-        if (remote.paused or self._draining) and message.code.is_request():
-            # Flow control (docs/COAP.md "Limits"): UDP cannot stop reading one peer, so a session over max_inflight,
-            # while the outbox is congested or the gateway drains, loses its new requests before aiocoap sees them
-            # (no exchange, no message-id memory). The device retransmits its CON (RFC 7252 §4.2 backoff), which
-            # gets through once the commits caught up; ACKs, RSTs and pings still pass.
-            self.stats.requests_dropped_busy += 1
-            return
-        message.transport_tuning = self._tuning
-        mman.dispatch_message(message)
-
-    def _send_app(self, session: Session, data: bytes) -> None:
-        if self._sessions.get(session.peer) is not session:
-            return  # the session ended (closed, expired, replaced) while a response was being made
-        try:
-            session.conn.send(data)
-        except SSL.Error as exc:  # e.g. a message larger than a record: lose it, keep the session
-            self.stats.record_errors += 1
-            log.warning("dtls.send_failed", peer=_peer(session), size=len(data), reason=_reason(exc))
-        # The answers one group commit releases go out together: one drain and one sendto per session and loop
-        # iteration (several records in a datagram, RFC 6347 §4.1.1) instead of one each (most of a DTLS answer's
-        # cost, measured: docs/COAP.md "Performance").
-        if not self._unflushed:
-            self._loop.call_soon(self._flush_sent)
-        self._unflushed[session.peer] = session
-
-    def _flush_sent(self) -> None:
-        sessions, self._unflushed = self._unflushed, {}
-        for session in sessions.values():
-            if self._sessions.get(session.peer) is session:
-                self._flush(session)
-
-    # --- I/O and teardown ---------------------------------------------------------------------------------
-
-    def _flush(self, session: Session) -> None:
-        out = _drain(session.conn)
-        if out:
-            self._sendto(out, session.peer)
-
-    def _sendto(self, stream: bytes, addr: tuple[Any, ...]) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        for datagram in pack_datagrams(stream, self.limits.mtu):
-            transport.sendto(datagram, addr)
-
-    def _drop(self, session: Session, reason: str, *, notify: bool) -> None:
-        if self._sessions.get(session.peer) is session:
-            del self._sessions[session.peer]
-            self.stats.sessions = len(self._sessions)
-        self._cancel_timer(session)
-        if notify and session.established:
-            try:
-                session.conn.shutdown()  # close_notify
-            except SSL.Error:
-                pass
-            self._flush(session)
-        session.conn.set_app_data(None)
-        remote, session.remote = session.remote, None  # no cycle: the SSL object goes without waiting for the GC
-        if remote is not None and self._mman is not None:
-            # Ends observations and pending exchanges of this session in aiocoap.
-            self._mman.dispatch_error(coap_error.NetworkError(f"DTLS session closed: {reason}"), remote)
+    # --- expiry and shutdown ------------------------------------------------------------------------------
 
     async def _sweep(self) -> None:
         """One task for all sessions: handshake timeouts and idle expiry, once a second at most."""
@@ -535,30 +262,6 @@ class DTLSServer(asyncio.DatagramProtocol):
         if self._transport is not None:
             self._transport.close()
         log.info("dtls.closed")
-
-
-def _drain(conn: SSL.Connection) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunks.append(conn.bio_read(_BIO_CHUNK))
-        except SSL.WantReadError:
-            break
-    return b"".join(chunks)
-
-
-def _peer(session: Session) -> str:
-    return f"{session.peer[0]}:{session.peer[1]}"
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text.upper() or "did not return a certificate" in text:
-        return "no client certificate presented"
-    args = exc.args[0] if exc.args else None
-    if isinstance(args, list) and args and isinstance(args[0], tuple):
-        return f"DTLS error: {args[0][-1]}"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _udp_socket(host: str, port: int, rcvbuf: int) -> socket.socket:
