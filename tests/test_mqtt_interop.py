@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -97,20 +98,17 @@ def run_suite(args: list[str], out: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.slow  # ~30 s: the suites' own sleeps (test_subscribe_options alone takes ~25 s), shards in parallel
-def test_paho_interop_suites(mosquitto: Mosquitto, gateway_factory: Any, tmp_path: Path) -> None:
+def run_shards(shards: list[tuple[str, list[str]]], mosquitto: Mosquitto, gateway_factory: Any,
+               out_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
+    """Each shard against a fresh gateway of its own, all side by side: its output (``(killed: time out)`` appended
+    if it outlived SHARD_TIMEOUT) and the seconds it took."""
     started = time.monotonic()
-    shards: list[tuple[str, list[str]]] = [
-        (f"v311-{i}", [str(PAHO.parent / "run_client_test.py"), "{port}", *shard])
-        for i, shard in enumerate(V311_SHARDS)]
-    shards += [(f"v5-{i}", ["client_test5.py", "-p", "{port}", "-v", *[f"Test.{t}" for t in shard]])
-               for i, shard in enumerate(V5_SHARDS)]
     gateways = {name: lab_gateway(gateway_factory, mosquitto) for name, _ in shards}
 
     def launch(name: str, args: list[str]) -> subprocess.Popen[bytes]:
         gw, port = gateways[name]
         gw.start()
-        return run_suite([a.replace("{port}", str(port)) for a in args], tmp_path / f"{name}.out")
+        return run_suite([a.replace("{port}", str(port)) for a in args], out_dir / f"{name}.out")
 
     # The gateways start side by side (started one after the other, the last shard began ~10 s after the first);
     # each shard begins as soon as its own gateway is ready. gateway_factory kills the gateways at teardown.
@@ -137,35 +135,63 @@ def test_paho_interop_suites(mosquitto: Mosquitto, gateway_factory: Any, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        outputs[name] = (tmp_path / f"{name}.out").read_text(errors="replace")
+        outputs[name] = (out_dir / f"{name}.out").read_text(errors="replace")
         if name not in seconds:
             outputs[name] += "\n(killed: time out)"
+    return outputs, seconds
+
+
+def shard_results(name: str, out: str) -> tuple[dict[str, str], list[str]]:
+    """A shard's results per test, and what is wrong with them (unexpected results, an incomplete run)."""
+    kind, i = name.split("-")
+    if kind == "v5":
+        # unittest's own summary: "Ran N tests", then one "FAIL: test_x" / "ERROR: test_x" block per failure (the
+        # per-test "... ok" lines are interleaved with warnings and docstrings, so they are not parsed).
+        shard = V5_SHARDS[int(i)]
+        if not re.search(rf"^Ran {len(shard)} tests? in", out, re.MULTILINE):
+            return {}, [f"{name}: did not run its {len(shard)} tests"]
+        failed = {t: v for v, t in re.findall(r"^(FAIL|ERROR): (test_\w+)", out, re.MULTILINE)}
+        results = {t: failed.get(t, "ok") for t in shard}
+        return results, [f"{t}: {v}" for t, v in results.items() if (v != "ok") != (t in EXPECTED_FAILURES_V5)]
+    shard = V311_SHARDS[int(i)]
+    found = re.findall(r"^(.+ test) (succeeded|failed)$", out, re.MULTILINE)
+    if len(found) != len(shard) or not re.search(r"^test suite (succeeded|failed)$", out, re.MULTILINE):
+        return {}, [f"{name}: {len(found)} of its {len(shard)} tests reported"]
+    results = dict(found)
+    return results, [f"{t}: {v}" for t, v in results.items() if (v != "succeeded") != (t in EXPECTED_FAILURES_V311)]
+
+
+@pytest.mark.slow  # ~30 s: the suites' own sleeps (test_subscribe_options alone takes ~25 s), shards in parallel
+def test_paho_interop_suites(mosquitto: Mosquitto, gateway_factory: Any, tmp_path: Path) -> None:
+    """A shard with a wrong result runs once more, against a fresh gateway, and the test passes only if that run is
+    right (with a warning naming what failed first): the suites' own fixed waits (2-3 s for a message that takes
+    milliseconds) have failed alone on a loaded machine. A real defect fails both runs."""
+    started = time.monotonic()
+    shards: list[tuple[str, list[str]]] = [
+        (f"v311-{i}", [str(PAHO.parent / "run_client_test.py"), "{port}", *shard])
+        for i, shard in enumerate(V311_SHARDS)]
+    shards += [(f"v5-{i}", ["client_test5.py", "-p", "{port}", "-v", *[f"Test.{t}" for t in shard]])
+               for i, shard in enumerate(V5_SHARDS)]
+    outputs, seconds = run_shards(shards, mosquitto, gateway_factory, tmp_path)
+    results = {name: shard_results(name, out) for name, out in outputs.items()}
+    again = [(name, args) for name, args in shards if results[name][1]]
+    if again:
+        retry_dir = tmp_path / "again"
+        retry_dir.mkdir()
+        first = {name: results[name][1] for name, _ in again}
+        retried, _ = run_shards(again, mosquitto, gateway_factory, retry_dir)
+        for name, out in retried.items():
+            outputs[name] = f"(first run: {first[name]})\n{out}"
+            results[name] = shard_results(name, out)
+        warnings.warn(f"interop shards that failed once and were run again: {first}", stacklevel=1)
     elapsed = time.monotonic() - started
 
-    # unittest's own summary: "Ran N tests" per shard, then one "FAIL: test_x" / "ERROR: test_x" block per failure
-    # (the per-test "... ok" lines are interleaved with warnings and docstrings, so they are not parsed).
-    v5_results: dict[str, str] = {}
-    for i, shard in enumerate(V5_SHARDS):
-        out = outputs[f"v5-{i}"]
-        assert re.search(rf"^Ran {len(shard)} tests? in", out, re.MULTILINE), out[-6000:]
-        failed = {t: v for v, t in re.findall(r"^(FAIL|ERROR): (test_\w+)", out, re.MULTILINE)}
-        v5_results.update({t: failed.get(t, "ok") for t in shard})
-    v311_found: list[tuple[str, str]] = []
-    for i, shard in enumerate(V311_SHARDS):
-        out = outputs[f"v311-{i}"]
-        found = re.findall(r"^(.+ test) (succeeded|failed)$", out, re.MULTILINE)
-        assert len(found) == len(shard) and re.search(r"^test suite (succeeded|failed)$", out, re.MULTILINE), \
-            out[-6000:]
-        v311_found += found
-    v311_results = dict(v311_found)
-
     report = "\n\n".join(f"===== {n}\n{o[-6000:]}" for n, o in outputs.items())
+    v5_results = {t: v for name, (r, _) in results.items() if name.startswith("v5") for t, v in r.items()}
+    v311_results = {t: v for name, (r, _) in results.items() if name.startswith("v311") for t, v in r.items()}
     print(f"interop suites ran in {elapsed:.1f} s (shards done after {seconds})\nv5: {v5_results}\n"
           f"v3.1.1: {v311_results}")
+    wrong = {name: problems for name, (_, problems) in results.items() if problems}
+    assert not wrong, f"unexpected results (twice) {wrong}\n{report}"
     assert sorted(v5_results) == ALL_V5, report
-    unexpected = {t: v for t, v in v5_results.items() if (v != "ok") != (t in EXPECTED_FAILURES_V5)}
-    assert not unexpected, f"unexpected v5 results {unexpected}\n{report}"
-    assert len(v311_found) == len(v311_results) == 10, report  # each of the suite's 10 tests, once
-    unexpected311 = {t: v for t, v in v311_results.items()
-                     if (v != "succeeded") != (t in EXPECTED_FAILURES_V311)}
-    assert not unexpected311, f"unexpected 3.1.1 results {unexpected311}\n{report}"
+    assert len(v311_results) == 10, report  # each of the suite's 10 tests, once
