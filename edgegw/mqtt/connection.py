@@ -14,15 +14,27 @@ States::
 Packets that arrive after CONNECT but before the shell's decision stay buffered, unparsed (MQTT-3.1.4-5: the server
 must not process them before it has accepted the connection); :meth:`accept` makes them available to
 :meth:`pending_events`.
+
+Layout: this module holds the state machine (:class:`MQTTConnection`: CONNECT, accept / refuse, DISCONNECT,
+close, errors; every import path names it here); the rest of its methods live in one mixin per job, on the same
+instance: :mod:`edgegw.mqtt._connection_inbound` (device -> gateway publishes: checks, PUBACK / PUBREC) and
+:mod:`edgegw.mqtt._connection_outbound` (gateway -> device publishes: window, send, their acks). The states and
+events are in :mod:`edgegw.mqtt._connection_events`; the names below are the same objects.
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-from enum import Enum, auto
-from itertools import repeat
-
+from edgegw.mqtt._connection_events import (
+    ConnectionClosed,
+    ConnectionState,
+    ConnectRequested,
+    Event,
+    PublishReceived,
+    SubscribeRequested,
+    UnsubscribeRequested,
+)
+from edgegw.mqtt._connection_inbound import InboundPublishes
+from edgegw.mqtt._connection_outbound import OutboundPublishes
 from edgegw.mqtt.codec import (
     FrameReader,
     MalformedPacket,
@@ -30,8 +42,6 @@ from edgegw.mqtt.codec import (
     decode_packet,
     decode_publish,
     encode_packet,
-    encode_puback_ok,
-    encode_publish,
     misplaced_property,
 )
 from edgegw.mqtt.packets import (
@@ -58,69 +68,30 @@ from edgegw.mqtt.packets import (
     Unsuback,
     Unsubscribe,
 )
-from edgegw.mqtt.session import Outgoing, SessionState
+from edgegw.mqtt.session import SessionState
+
+__all__ = [
+    "SESSION_EXPIRY_NEVER",
+    "ConnectRequested",
+    "ConnectionClosed",
+    "ConnectionState",
+    "Event",
+    "MQTTConnection",
+    "PublishReceived",
+    "SubscribeRequested",
+    "UnsubscribeRequested",
+]
 
 SESSION_EXPIRY_NEVER = 0xFFFFFFFF
 
 
-class ConnectionState(Enum):
-    AWAIT_CONNECT = auto()
-    AUTHORIZING = auto()
-    CONNECTED = auto()
-    CLOSED = auto()
-
-
-# --- Events (what the peer did) --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectRequested:
-    connect: Connect
-
-
-@dataclass(slots=True)
-class PublishReceived:
-    """A PUBLISH that is new to this connection. At QoS 1/2 the shell must answer with :meth:`ack_publish`.
-
-    Treated as immutable, but not frozen: one per device message (see :class:`~edgegw.mqtt.packets.Publish`)."""
-
-    publish: Publish
-    topic: str  # after topic-alias resolution (MQTT 5 §3.3.2.3.4)
-
-
-@dataclass(frozen=True, slots=True)
-class SubscribeRequested:
-    subscribe: Subscribe
-
-
-@dataclass(frozen=True, slots=True)
-class UnsubscribeRequested:
-    unsubscribe: Unsubscribe
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
-    """The connection is over. ``reason_code`` is SUCCESS for a clean client DISCONNECT."""
-
-    reason_code: ReasonCode
-    detail: str
-    by_peer: bool
-
-
-Event = ConnectRequested | PublishReceived | SubscribeRequested | UnsubscribeRequested | ConnectionClosed
-
 _PUBLISH = PacketType.PUBLISH.value  # a plain int: compared once per received packet
-
-# The bytes of codec.encode_puback_ok (type, remaining length 2, packet id), packed in the C-level map of
-# ack_committed: no Python call per acknowledged message.
-_PUBACK_OK_HEAD = (PacketType.PUBACK << 4) << 8 | 2
-_PUBACK_OK_PACK = struct.Struct("!HH").pack
 
 # Protocol levels we can say a CONNACK in, to refuse a version cleanly (MQTT-3.1.2-2).
 _SUPPORTED_LEVELS = (MQTT_311, MQTT_5)
 
 
-class MQTTConnection:
+class MQTTConnection(InboundPublishes, OutboundPublishes):
     """One device connection, server side.
 
     ``receive_maximum`` bounds QoS 1/2 publishes that await our acknowledgement (MQTT 5 §3.3.4); for 3.1.1 peers
@@ -289,70 +260,6 @@ class MQTTConnection:
         self.state = ConnectionState.AUTHORIZING
         return ConnectRequested(c)
 
-    def topic_problem(self, topic: str) -> str | None:
-        """Why ``topic`` is not an acceptable topic name here, or None (also used by the shell for wills)."""
-        if not topic or "+" in topic or "#" in topic:
-            return f"invalid topic name {topic!r}"  # MQTT-3.3.2-2 (no wildcards), MQTT-4.7.3-1 (not empty)
-        if len(topic) > self._max_topic_length:
-            return f"topic longer than {self._max_topic_length} characters"
-        if self._max_topic_levels and topic.count("/") >= self._max_topic_levels:
-            return f"topic has more than {self._max_topic_levels} levels"
-        return None
-
-    def _on_publish(self, p: Publish) -> Event | None:
-        topic = p.topic
-        if self.protocol_level == MQTT_5:
-            alias = p.properties.values.get(PropertyId.TOPIC_ALIAS)
-            if alias is not None:
-                # MQTT-3.3.2-8/9: 0 or above the Topic Alias Maximum we sent is invalid.
-                if not isinstance(alias, int) or not 0 < alias <= self._topic_alias_maximum:
-                    raise MQTTProtocolError(f"topic alias {alias} outside 1..{self._topic_alias_maximum}",
-                                            ReasonCode.TOPIC_ALIAS_INVALID)
-                if topic:
-                    problem = self.topic_problem(topic)
-                    if problem is not None:
-                        raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
-                    self._aliases[alias] = topic
-                else:
-                    known = self._aliases.get(alias)
-                    if known is None:
-                        # MQTT 5 §3.3.2.3.4: an alias with no mapping on this connection is a Protocol Error.
-                        raise MQTTProtocolError(f"topic alias {alias} has no mapping")
-                    topic = known
-            if p.properties.subscription_ids:
-                raise MQTTProtocolError("subscription identifier in a client PUBLISH")  # MQTT-3.3.4-6
-        if topic != self._valid_topic:  # a device publishes to the same topic again and again: checked once
-            problem = self.topic_problem(topic)
-            if problem is not None:
-                raise MQTTProtocolError(problem, ReasonCode.TOPIC_NAME_INVALID)
-            self._valid_topic = topic
-        if p.qos == 0:
-            return PublishReceived(p, topic)
-        assert p.packet_id is not None  # the codec guarantees it for QoS > 0
-        if p.packet_id in self._awaiting_ack:
-            # The same id while its first copy is still being committed: a retransmission (DUP), which the pending
-            # acknowledgement will answer. Without DUP the client reused an id in flight (MQTT 5 §4.3.2).
-            if p.dup:
-                return None
-            raise MQTTProtocolError(f"packet id {p.packet_id} reused while in flight",
-                                    ReasonCode.PACKET_IDENTIFIER_IN_USE)
-        if p.qos == 2 and p.packet_id in self._awaiting_rel:
-            # Already committed and PUBREC'd; the device missed our PUBREC. Answer again, record nothing new.
-            self._send(Pubrec(p.packet_id))
-            return None
-        if p.qos == 2 and p.packet_id in self.session.qos2_pending:
-            # Sent on an earlier connection of this session and still being committed: adopt it; the shell
-            # acknowledges it here once that commit completes (:meth:`awaits_ack`). No second record.
-            self._awaiting_ack[p.packet_id] = 2
-            return None
-        if (self.protocol_level == MQTT_5
-                and len(self._awaiting_ack) + len(self._rel_here) >= self._receive_maximum):
-            raise MQTTProtocolError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # §3.3.4
-        self._awaiting_ack[p.packet_id] = p.qos
-        if p.qos == 2:
-            self.session.qos2_pending.add(p.packet_id)
-        return PublishReceived(p, topic)
-
     # --- actions -------------------------------------------------------------------------------------------
 
     def accept(self, *, session_present: bool = False, properties: Properties = NO_PROPERTIES,
@@ -388,64 +295,6 @@ class MQTTConnection:
         self._send(Connack(False, reason))
         return self._close(reason, detail, by_peer=False)
 
-    def ack_publish(self, packet_id: int, reason: ReasonCode = ReasonCode.SUCCESS) -> None:
-        """Acknowledge a QoS 1/2 publish (PUBACK / PUBREC). Call only once it is durable, or refused."""
-        qos = self._awaiting_ack.pop(packet_id, None)
-        if qos is None:
-            raise RuntimeError(f"no publish {packet_id} awaits acknowledgement")  # a bug in the shell
-        if qos == 2:
-            self.session.qos2_pending.discard(packet_id)
-            if not reason.is_error:
-                # Recorded in the session even if this connection died meanwhile: the device resends after
-                # reconnecting and must get PUBREC, not a second record.
-                self._awaiting_rel.add(packet_id)
-                self._rel_here.add(packet_id)
-        if self.state is not ConnectionState.CONNECTED:
-            return  # the connection died first; the device resends and gets a duplicate record at worst
-        if self.protocol_level == MQTT_311 and reason.is_error:
-            # 3.1.1 has no negative acknowledgement: the only refusal is closing (MQTT-3.3.5-2).
-            self.close(reason, f"publish {packet_id} refused: {reason.name}")
-            return
-        if qos == 1:
-            # The common answer, one per device message, without building a Puback to encode it.
-            self._out.append(encode_puback_ok(packet_id) if reason is ReasonCode.SUCCESS
-                             else encode_packet(Puback(packet_id, reason), self.protocol_level))
-        else:
-            self._send(Pubrec(packet_id, reason))
-
-    def ack_committed(self, packet_ids: list[int]) -> int:
-        """:meth:`ack_publish` with Success for each of ``packet_ids`` (publishes now durable), in order. Returns
-        how many of them were QoS 2.
-
-        One call per device connection and group commit: the QoS 1 ids of a group cost a dict pop and a PUBACK
-        each inside two C-level maps, instead of a Python call per message."""
-        try:
-            qos = list(map(self._awaiting_ack.pop, packet_ids))
-        except KeyError as exc:
-            raise RuntimeError(f"no publish {exc.args[0]} awaits acknowledgement") from None  # a bug in the shell
-        qos2 = qos.count(2)
-        if qos2:
-            for packet_id, q in zip(packet_ids, qos):
-                if q == 2:  # as in ack_publish: recorded in the session even if this connection died meanwhile
-                    self.session.qos2_pending.discard(packet_id)
-                    self._awaiting_rel.add(packet_id)
-                    self._rel_here.add(packet_id)
-        if self.state is not ConnectionState.CONNECTED:
-            return qos2  # the connection died first; the device resends and gets a duplicate record at worst
-        if not qos2:
-            self._out.append(b"".join(map(_PUBACK_OK_PACK, repeat(_PUBACK_OK_HEAD), packet_ids)))
-        else:
-            for packet_id, q in zip(packet_ids, qos):
-                if q == 1:
-                    self._out.append(encode_puback_ok(packet_id))
-                else:
-                    self._send(Pubrec(packet_id))
-        return qos2
-
-    def awaits_ack(self, packet_id: int) -> bool:
-        """True if a QoS 1/2 publish with this id awaits :meth:`ack_publish` on this connection."""
-        return packet_id in self._awaiting_ack
-
     def ack_subscribe(self, packet_id: int, reason_codes: tuple[int, ...]) -> None:
         self._require(ConnectionState.CONNECTED, "ack_subscribe")
         if self.protocol_level == MQTT_311:
@@ -456,65 +305,6 @@ class MQTTConnection:
     def ack_unsubscribe(self, packet_id: int, reason_codes: tuple[int, ...]) -> None:
         self._require(ConnectionState.CONNECTED, "ack_unsubscribe")
         self._send(Unsuback(packet_id, reason_codes))
-
-    # --- server -> device publishes ---------------------------------------------------------------------------
-
-    @property
-    def can_send(self) -> bool:
-        """Room in the outgoing in-flight window (the client's Receive Maximum, capped by ours)."""
-        return (self.state is ConnectionState.CONNECTED
-                and len(self.session.outgoing) < min(self.client_receive_maximum, self._max_inflight_out))
-
-    def send_publish(self, out: Outgoing, now: float) -> bool:
-        """Send a message to the device; QoS 1/2 only while :attr:`can_send`. ``now`` (monotonic) adjusts the
-        Message Expiry Interval (MQTT-3.3.2-6). False if it was dropped because it exceeds the client's Maximum
-        Packet Size (MQTT-3.1.2-25: as if delivered)."""
-        self._require(ConnectionState.CONNECTED, "send_publish")
-        pid = None
-        if out.qos:
-            pid = self.session.allocate_packet_id()
-            self.session.outgoing[pid] = out
-        if self._send_publish(pid, out, dup=False, now=now):
-            return True
-        if pid is not None:
-            del self.session.outgoing[pid]
-            self.session.finished(out)  # dropped as if delivered: its journal row goes too
-        return False
-
-    def _send_publish(self, pid: int | None, out: Outgoing, *, dup: bool, now: float | None) -> bool:
-        m = out.message
-        props = m.properties
-        if self.protocol_level == MQTT_5 and (out.subscription_ids or (m.expires_at is not None and now is not None)):
-            values = dict(props.values)
-            if m.expires_at is not None and now is not None:
-                values[PropertyId.MESSAGE_EXPIRY_INTERVAL] = max(1, int(m.expires_at - now + 0.5))
-            props = Properties(values=values, user=props.user, subscription_ids=out.subscription_ids)
-        data = encode_publish(Publish(m.topic, m.payload, out.qos, out.retain, dup, pid, props), self.protocol_level)
-        if self.client_max_packet_size is not None and len(data) > self.client_max_packet_size:
-            self.dropped_too_large += 1
-            return False
-        self._out.append(data)
-        return True
-
-    def _on_delivery_ack(self, packet: Puback | Pubrec | Pubcomp) -> None:
-        pid = packet.packet_id
-        out = self.session.outgoing.get(pid)
-        if isinstance(packet, Puback):
-            if out is None or out.qos != 1:
-                raise MQTTProtocolError(f"PUBACK for unknown packet id {pid}")
-            self.session.finished(self.session.outgoing.pop(pid))
-        elif isinstance(packet, Pubrec):
-            if out is None or out.qos != 2:
-                raise MQTTProtocolError(f"PUBREC for unknown packet id {pid}")
-            if packet.reason_code.is_error:  # MQTT 5 §4.3.3: the exchange ends, the id is free
-                self.session.finished(self.session.outgoing.pop(pid))
-                return
-            out.released = True
-            self._send(Pubrel(pid))
-        else:
-            if out is None or not out.released:
-                raise MQTTProtocolError(f"PUBCOMP for unknown packet id {pid}")
-            self.session.finished(self.session.outgoing.pop(pid))
 
     def close(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
         """Server-initiated close. MQTT 5 peers get a DISCONNECT with the reason (§3.14); 3.1.1 peers just EOF."""
