@@ -13,6 +13,7 @@ import functools
 import ssl
 import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 _SSL_CTRL_SET_READ_AHEAD = 41  # openssl/ssl.h: SSL_set_read_ahead(s, 1) is SSL_ctrl(s, 41, 1, NULL)
@@ -32,6 +33,17 @@ def _openssl() -> tuple[Any, Any] | None:
     ctrl.restype, ctrl.argtypes = ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     get_options.restype, get_options.argtypes = ctypes.c_uint64, [ctypes.c_void_p]
     return ctrl, get_options
+
+
+@functools.cache
+def _has_pending() -> Any:
+    """``SSL_has_pending`` (OpenSSL >= 1.1.0) of that same OpenSSL, or None."""
+    try:
+        func = ctypes.CDLL(_ssl.__file__).SSL_has_pending
+    except (OSError, AttributeError):
+        return None
+    func.restype, func.argtypes = ctypes.c_int, [ctypes.c_void_p]
+    return func
 
 
 _VERIFIED_LAYOUTS = frozenset({("cpython", (3, 11))})
@@ -55,26 +67,57 @@ def read_ahead(sock: ssl.SSLSocket) -> bool:
     compared with the context's options, as a last check. Otherwise nothing is changed: reads are just dearer.
     True if read-ahead is on.
     """
-    if (sys.implementation.name, sys.version_info[:2]) not in _VERIFIED_LAYOUTS:
+    found = _ssl_pointer(sock)
+    if found is None:
         return False
+    ctrl, _ = _openssl()  # type: ignore[misc]  # _ssl_pointer found it
+    ctrl(found[1], _SSL_CTRL_SET_READ_AHEAD, 1, None)
+    return True
+
+
+def raw_pending(sock: ssl.SSLSocket) -> Callable[[], int] | None:
+    """A call that says whether OpenSSL holds bytes of ``sock`` it has not decrypted yet (``SSL_has_pending``: with
+    read-ahead, the further records one ``read`` brought in), or None where :func:`read_ahead` would refuse.
+
+    The read loop asks it after each record: when OpenSSL holds nothing more, its last ``read`` emptied the socket,
+    so the loop stops there instead of calling ``recv_into`` once more only to get ``SSLWantReadError`` (a
+    ``read`` that finds nothing and an exception: 3.4 us, against 0.2 us for this call). Bytes that arrive
+    meanwhile are not missed: the selector reports the socket readable again. The call keeps the ``_SSLSocket``
+    alive, so the ``SSL *`` it passes is never freed under it."""
+    has_pending = _has_pending()
+    found = _ssl_pointer(sock) if has_pending is not None else None
+    if found is None:
+        return None
+    sslobj, pointer = found
+    arg = ctypes.c_void_p(pointer)
+
+    def pending(_keep: object = sslobj) -> int:
+        return has_pending(arg)  # type: ignore[no-any-return]
+
+    return pending
+
+
+def _ssl_pointer(sock: ssl.SSLSocket) -> tuple[object, int] | None:
+    """``sock``'s ``_SSLSocket`` and its ``SSL *``, only where every check of :func:`read_ahead` passes."""
+    if (sys.implementation.name, sys.version_info[:2]) not in _VERIFIED_LAYOUTS:
+        return None
     funcs = _openssl()
     sslobj = getattr(sock, "_sslobj", None)
     if funcs is None or sslobj is None or type(sslobj) is not getattr(_ssl, "_SSLSocket", None):
-        return False
+        return None
     pointer = ctypes.sizeof(ctypes.c_void_p)
     socket_field = object.__basicsize__  # right after PyObject_HEAD
     ssl_field = socket_field + pointer
     if type(sslobj).__basicsize__ < ssl_field + pointer:  # reading there would leave the object
-        return False
+        return None
     try:
         owner_ref = weakref.ref(sock)
     except TypeError:
-        return False
+        return None
     if ctypes.c_void_p.from_address(id(sslobj) + socket_field).value != id(owner_ref):
-        return False  # not the layout we know: leave the connection as it is
+        return None  # not the layout we know: leave the connection as it is
     ssl_ptr = ctypes.c_void_p.from_address(id(sslobj) + ssl_field).value
-    ctrl, get_options = funcs
+    _, get_options = funcs
     if not ssl_ptr or get_options(ssl_ptr) != sock.context.options:
-        return False
-    ctrl(ssl_ptr, _SSL_CTRL_SET_READ_AHEAD, 1, None)
-    return True
+        return None
+    return sslobj, ssl_ptr

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from edgegw.mqtt._read_ahead import read_ahead
+from edgegw.mqtt._read_ahead import raw_pending, read_ahead
 from edgegw.mqtt._tls_listener import TLSListener
 
 __all__ = ["CLOSE_TIMEOUT", "HIGH_WATER", "LOW_WATER", "READ_BUDGET", "HandshakeDone", "TLSListener", "TLSTransport",
@@ -72,8 +72,9 @@ class TLSTransport(asyncio.Transport):
     """
 
     __slots__ = ("_close_timeout", "_fd", "_high", "_hs_write", "_loop", "_low", "_on_handshake", "_protocol",
-                 "_read_waits_write", "_reader_on", "_reading", "_scratch", "_send_blocked", "_sock", "_state",
-                 "_timer", "_wbuf", "_write_paused", "_write_waits_read", "_writer_on", "_wsize", "read_ahead")
+                 "_raw_pending", "_read_waits_write", "_reader_on", "_reading", "_scratch", "_send_blocked", "_sock",
+                 "_state", "_timer", "_wbuf", "_write_paused", "_write_waits_read", "_writer_on", "_wsize",
+                 "read_ahead")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, protocol: asyncio.Protocol,
                  scratch: memoryview, *, handshake_timeout: float, on_handshake: HandshakeDone,
@@ -98,6 +99,7 @@ class TLSTransport(asyncio.Transport):
         self._close_timeout = close_timeout
         self.read_ahead = False
         """True if OpenSSL reads ahead on this connection (:func:`read_ahead`)."""
+        self._raw_pending: Callable[[], int] | None = None
         # The handshake deadline, then (while closing with output still buffered) the close deadline.
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(handshake_timeout, self._handshake_timeout)
         self._fd = sock.fileno()
@@ -114,6 +116,7 @@ class TLSTransport(asyncio.Transport):
             self._loop.call_soon(self._handshake_failed, exc)
             return
         self.read_ahead = read_ahead(self._sock)
+        self._raw_pending = raw_pending(self._sock) if self.read_ahead else None
         # The handshake never starts inside this constructor: the caller hears of the outcome only through
         # ``on_handshake``, after it has stored the transport. A server waits for the ClientHello; a client sends
         # it on the next loop iteration.
@@ -200,6 +203,7 @@ class TLSTransport(asyncio.Transport):
         scratch = self._scratch
         size = len(scratch)
         protocol = self._protocol
+        raw_pending = self._raw_pending
         budget = READ_BUDGET
         while self._reading and self._state == _OPEN:
             # Every record OpenSSL can give us now, up to the scratch size, goes to the protocol in one call: a
@@ -219,6 +223,8 @@ class TLSTransport(asyncio.Transport):
                     stop = EOFError()
                     break
                 got += n
+                if raw_pending is not None and not raw_pending():
+                    break  # OpenSSL holds nothing more: its read emptied the socket (no EAGAIN read to learn it)
             if got:
                 try:
                     protocol.data_received(bytes(scratch[:got]))
