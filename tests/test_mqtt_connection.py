@@ -278,19 +278,39 @@ def test_qos1_publish_and_ack() -> None:
     assert conn.inflight == 0
 
 
-def test_qos1_inflight_counts() -> None:
+def test_qos1_inflight_counts_and_pubacks_leave_in_the_order_the_publishes_came() -> None:
     conn = connected()
     conn.receive_data(b"".join(enc(Publish("t", b"x", qos=1, packet_id=i)) for i in (1, 2, 3)))
     assert conn.inflight == 3
-    conn.ack_publish(2)
+    conn.ack_publish(2)  # decided before 1 (e.g. a message the pipeline drops): held until 1 is answered
     assert conn.inflight == 2
-    assert conn.data_to_send() == b"\x40\x02\x00\x02"
+    assert conn.data_to_send() == b""
     conn.ack_publish(1)
+    assert conn.data_to_send() == b"\x40\x02\x00\x01\x40\x02\x00\x02"  # MQTT-4.6.0-2
     conn.ack_publish(3)
     assert conn.inflight == 0
-    assert conn.data_to_send() == b"\x40\x02\x00\x01\x40\x02\x00\x03"
+    assert conn.data_to_send() == b"\x40\x02\x00\x03"
     with pytest.raises(RuntimeError):
         conn.ack_publish(3)  # twice
+
+
+@pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
+def test_a_group_commit_waits_for_an_earlier_publish_answered_one_by_one(version: int) -> None:
+    """1 went another way (the pipeline's callback) and is still being committed when the group of 2 and 3 is: their
+    PUBACKs wait for 1's; a refusal decided early (MQTT 5: 0x87 for 4) waits for all of them."""
+    conn = connected(version)
+    conn.receive_data(b"".join(enc(Publish("t", b"x", qos=1, packet_id=i), version) for i in (1, 2, 3, 4)))
+    if version == MQTT_5:
+        conn.ack_publish(4, ReasonCode.NOT_AUTHORIZED)
+    assert conn.ack_committed([2, 3]) == 0
+    assert conn.data_to_send() == b""
+    conn.ack_publish(1)
+    expected = [Puback(1), Puback(2), Puback(3)] + ([Puback(4, ReasonCode.NOT_AUTHORIZED)] if version == MQTT_5 else [])
+    assert sent_packets(conn) == expected
+    if version == MQTT_311:
+        conn.ack_committed([4])
+        assert sent_packets(conn) == [Puback(4)]
+    assert conn.inflight == 0
 
 
 @pytest.mark.parametrize("version", [MQTT_311, MQTT_5])

@@ -246,3 +246,24 @@ async def test_qos2_resend_on_a_new_connection_before_the_commit_is_one_record(f
         assert ack == Pubrec(3)
         await asyncio.sleep(0.5)
         assert [r.payload for r in await h.outbox.fetch_after(0, 10)] == [b"once"]
+
+
+async def test_a_refusal_decided_at_once_waits_for_the_puback_of_an_earlier_publish(fleet: Fleet,
+                                                                                    tmp_path: Path) -> None:
+    """MQTT-4.6.0-2: PUBACKs in the order the PUBLISHes came. The first is allowed and waits for a slow group
+    commit; the second (a topic the ACL refuses) is answered 0x87 at once by the gateway, but that answer leaves
+    only after the first one's PUBACK."""
+    async with running(fleet, tmp_path, commit_window_ms=400.0) as h:
+        def device_side() -> list[object]:
+            c = RawClient(fleet.device_context("dev-09"), h.server.port, MQTT_5)
+            c.send(Connect(MQTT_5, "dev-09", True, 30))
+            assert isinstance(c.read(), Connack)
+            c.send(Publish("devices/dev-09/ok", b"a", 1, packet_id=1),
+                   Publish("devices/dev-99/not-mine", b"b", 1, packet_id=2))
+            got = [c.read(), c.read()]
+            c.close()
+            return got
+
+        first, second = await asyncio.to_thread(device_side)
+        assert first == Puback(1)
+        assert second == Puback(2, ReasonCode.NOT_AUTHORIZED)

@@ -1,6 +1,8 @@
 """Device -> gateway publishes in the engine (a mixin of :class:`~edgegw.mqtt.connection.MQTTConnection`): the
 checks of a received PUBLISH (topic alias, topic name, duplicate and reused packet ids, our Receive Maximum) and
-its acknowledgement once durable or refused (PUBACK / PUBREC, one by one or per group commit).
+its acknowledgement once durable or refused (PUBACK / PUBREC, one by one or per group commit), in the order the
+PUBLISHes came (MQTT-4.6.0-2, -3): an answer decided early (a refusal, a message the pipeline drops) waits for the
+answers of earlier PUBLISHes still being committed.
 
 No state transition happens here (those stay in connection.py); a refusal that must close calls ``close``.
 """
@@ -8,6 +10,7 @@ No state transition happens here (those stay in connection.py); a refusal that m
 from __future__ import annotations
 
 import struct
+from collections import deque
 from itertools import repeat
 from typing import TYPE_CHECKING
 
@@ -52,6 +55,8 @@ class InboundPublishes:
     _out: list[bytes]
     _awaiting_ack: dict[int, int]
     _rel_here: set[int]
+    _order: deque[int]
+    _held: dict[int, bytes]
 
     if TYPE_CHECKING:
         @property
@@ -110,17 +115,20 @@ class InboundPublishes:
                                     ReasonCode.PACKET_IDENTIFIER_IN_USE)
         if p.qos == 2 and p.packet_id in self._awaiting_rel:
             # Already committed and PUBREC'd; the device missed our PUBREC. Answer again, record nothing new.
-            self._send(Pubrec(p.packet_id))
+            self._order.append(p.packet_id)
+            self._emit(p.packet_id, encode_packet(Pubrec(p.packet_id), self.protocol_level))
             return None
         if p.qos == 2 and p.packet_id in self.session.qos2_pending:
             # Sent on an earlier connection of this session and still being committed: adopt it; the shell
             # acknowledges it here once that commit completes (:meth:`awaits_ack`). No second record.
             self._awaiting_ack[p.packet_id] = 2
+            self._order.append(p.packet_id)
             return None
         if (self.protocol_level == MQTT_5
-                and len(self._awaiting_ack) + len(self._rel_here) >= self._receive_maximum):
+                and len(self._awaiting_ack) + len(self._rel_here) + len(self._held) >= self._receive_maximum):
             raise MQTTProtocolError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)  # §3.3.4
         self._awaiting_ack[p.packet_id] = p.qos
+        self._order.append(p.packet_id)
         if p.qos == 2:
             self.session.qos2_pending.add(p.packet_id)
         return PublishReceived(p, topic)
@@ -145,10 +153,24 @@ class InboundPublishes:
             return
         if qos == 1:
             # The common answer, one per device message, without building a Puback to encode it.
-            self._out.append(encode_puback_ok(packet_id) if reason is ReasonCode.SUCCESS
-                             else encode_packet(Puback(packet_id, reason), self.protocol_level))
+            self._emit(packet_id, encode_puback_ok(packet_id) if reason is ReasonCode.SUCCESS
+                       else encode_packet(Puback(packet_id, reason), self.protocol_level))
         else:
-            self._send(Pubrec(packet_id, reason))
+            self._emit(packet_id, encode_packet(Pubrec(packet_id, reason), self.protocol_level))
+
+    def _emit(self, packet_id: int, data: bytes) -> None:
+        """The answer to the PUBLISH ``packet_id``: sent now if every earlier PUBLISH has been answered, else held
+        until they are (MQTT-4.6.0-2, -3); then whatever was held behind it goes too."""
+        order = self._order
+        if not order or order[0] != packet_id:
+            self._held[packet_id] = data
+            return
+        order.popleft()
+        out = self._out
+        out.append(data)
+        held = self._held
+        while held and order and order[0] in held:
+            out.append(held.pop(order.popleft()))
 
     def ack_committed(self, packet_ids: list[int]) -> int:
         """:meth:`ack_publish` with Success for each of ``packet_ids`` (publishes now durable), in order. Returns
@@ -169,14 +191,19 @@ class InboundPublishes:
                     self._rel_here.add(packet_id)
         if self.state is not ConnectionState.CONNECTED:
             return qos2  # the connection died first; the device resends and gets a duplicate record at worst
-        if not qos2:
+        order = self._order
+        n = len(packet_ids)
+        if not qos2 and not self._held and len(order) >= n and order[0] == packet_ids[0] \
+                and order[n - 1] == packet_ids[-1]:
+            # The common group: exactly the n oldest PUBLISHes still unanswered (the group's ids are in the order
+            # they came, so matching ends mean a matching run), answered in one join.
+            for _ in range(n):
+                order.popleft()
             self._out.append(b"".join(map(_PUBACK_OK_PACK, repeat(_PUBACK_OK_HEAD), packet_ids)))
-        else:
-            for packet_id, q in zip(packet_ids, qos):
-                if q == 1:
-                    self._out.append(encode_puback_ok(packet_id))
-                else:
-                    self._send(Pubrec(packet_id))
+            return qos2
+        for packet_id, q in zip(packet_ids, qos):
+            self._emit(packet_id, encode_puback_ok(packet_id) if q == 1
+                       else encode_packet(Pubrec(packet_id), self.protocol_level))
         return qos2
 
     def awaits_ack(self, packet_id: int) -> bool:

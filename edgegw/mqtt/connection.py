@@ -24,6 +24,8 @@ events are in :mod:`edgegw.mqtt._connection_events`; the names below are the sam
 
 from __future__ import annotations
 
+from collections import deque
+
 from edgegw.mqtt._connection_events import (
     ConnectionClosed,
     ConnectionState,
@@ -135,6 +137,10 @@ class MQTTConnection(InboundPublishes, OutboundPublishes):
         # QoS 2 ids PUBREC'd on this connection whose PUBREL has not come: they still count against our Receive
         # Maximum until PUBCOMP (MQTT 5 §4.9). Per connection: the quota starts afresh on each one.
         self._rel_here: set[int] = set()
+        # QoS 1/2 publishes not answered yet, in the order they came, and answers decided but waiting for earlier
+        # ones (_connection_inbound.InboundPublishes._emit): PUBACKs and PUBRECs leave in that order.
+        self._order: deque[int] = deque()
+        self._held: dict[int, bytes] = {}
 
     @property
     def _awaiting_rel(self) -> set[int]:
