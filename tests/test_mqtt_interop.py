@@ -87,6 +87,10 @@ V311_SHARDS: list[list[str]] = [
      "subscribe_failure_test", "dollar_topics_test"],
 ]
 SHARD_TIMEOUT = 120.0
+FIRST_RUN_TIMEOUT = 60.0
+"""A first run's bound (the longest shard takes ~30 s): client_test5's test_basic sometimes hangs for good, its own
+client's threads racing for one socket (``getPacket`` then spins on ``recv(1) == b""`` after the server's
+DISCONNECT for a second CONNECT); that shard is then run again (gateway code of 2026-11-30 01:45 hangs too)."""
 
 
 def run_suite(args: list[str], out: Path) -> subprocess.Popen[bytes]:
@@ -99,9 +103,9 @@ def run_suite(args: list[str], out: Path) -> subprocess.Popen[bytes]:
 
 
 def run_shards(shards: list[tuple[str, list[str]]], mosquitto: Mosquitto, gateway_factory: Any,
-               out_dir: Path) -> tuple[dict[str, str], dict[str, float]]:
+               out_dir: Path, timeout: float = SHARD_TIMEOUT) -> tuple[dict[str, str], dict[str, float]]:
     """Each shard against a fresh gateway of its own, all side by side: its output (``(killed: time out)`` appended
-    if it outlived SHARD_TIMEOUT) and the seconds it took."""
+    if it outlived ``timeout``) and the seconds it took."""
     started = time.monotonic()
     gateways = {name: lab_gateway(gateway_factory, mosquitto) for name, _ in shards}
 
@@ -124,7 +128,7 @@ def run_shards(shards: list[tuple[str, list[str]]], mosquitto: Mosquitto, gatewa
             raise
 
     seconds: dict[str, float] = {}
-    deadline = started + SHARD_TIMEOUT
+    deadline = started + timeout
     while len(seconds) < len(procs) and time.monotonic() < deadline:
         for name, proc in procs.items():
             if name not in seconds and proc.poll() is not None:
@@ -172,7 +176,7 @@ def test_paho_interop_suites(mosquitto: Mosquitto, gateway_factory: Any, tmp_pat
         for i, shard in enumerate(V311_SHARDS)]
     shards += [(f"v5-{i}", ["client_test5.py", "-p", "{port}", "-v", *[f"Test.{t}" for t in shard]])
                for i, shard in enumerate(V5_SHARDS)]
-    outputs, seconds = run_shards(shards, mosquitto, gateway_factory, tmp_path)
+    outputs, seconds = run_shards(shards, mosquitto, gateway_factory, tmp_path, FIRST_RUN_TIMEOUT)
     results = {name: shard_results(name, out) for name, out in outputs.items()}
     again = [(name, args) for name, args in shards if results[name][1]]
     if again:
