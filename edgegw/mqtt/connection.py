@@ -191,8 +191,9 @@ class MQTTConnection(InboundPublishes, OutboundPublishes):
 
     @property
     def inflight(self) -> int:
-        """QoS 1/2 publishes received and not yet acknowledged by the shell."""
-        return len(self._awaiting_ack)
+        """QoS 1/2 publishes received and not yet answered on the wire: waiting for the shell, or answered and held
+        for an earlier one (the device still counts them in flight, and the shell pauses reading on this)."""
+        return len(self._awaiting_ack) + len(self._held)
 
     def _handle(self, packet: Packet) -> Event | None:
         if self.state is ConnectionState.AWAIT_CONNECT:
