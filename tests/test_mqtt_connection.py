@@ -314,6 +314,20 @@ def test_a_group_commit_waits_for_an_earlier_publish_answered_one_by_one(version
     assert conn.inflight == 0
 
 
+def test_a_resend_while_its_answer_is_held_for_order_is_a_duplicate() -> None:
+    """A 3.1.1 device resends (DUP) a publish whose PUBACK is decided but held behind an earlier one: the held
+    answer covers it (no second event, no second place in the order, which would stall every later answer)."""
+    conn = connected()
+    conn.receive_data(b"".join(enc(Publish("t", b"x", qos=1, packet_id=i)) for i in (1, 2)))
+    conn.ack_publish(2)
+    assert conn.receive_data(enc(Publish("t", b"x", qos=1, dup=True, packet_id=2))) == []
+    conn.ack_publish(1)
+    assert sent_packets(conn) == [Puback(1), Puback(2)]
+    conn.receive_data(enc(Publish("t", b"y", qos=1, packet_id=3)))
+    conn.ack_publish(3)
+    assert sent_packets(conn) == [Puback(3)] and conn.inflight == 0
+
+
 @pytest.mark.parametrize("version", [MQTT_311, MQTT_5])
 def test_ack_committed_sends_the_pubacks_of_a_group_in_order(version: int) -> None:
     conn = connected(version)

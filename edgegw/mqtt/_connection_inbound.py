@@ -106,9 +106,10 @@ class InboundPublishes:
         if p.qos == 0:
             return PublishReceived(p, topic)
         assert p.packet_id is not None  # the codec guarantees it for QoS > 0
-        if p.packet_id in self._awaiting_ack:
-            # The same id while its first copy is still being committed: a retransmission (DUP), which the pending
-            # acknowledgement will answer. Without DUP the client reused an id in flight (MQTT 5 §4.3.2).
+        if p.packet_id in self._awaiting_ack or (self._held and p.packet_id in self._held):
+            # The same id while its first copy is still being committed (or its answer waits for an earlier one):
+            # a retransmission (DUP), which the pending answer covers. Without DUP the client reused an id in
+            # flight (MQTT 5 §4.3.2).
             if p.dup:
                 return None
             raise MQTTProtocolError(f"packet id {p.packet_id} reused while in flight",
