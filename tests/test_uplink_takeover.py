@@ -11,10 +11,14 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from conftest import free_port
+from test_uplink import make_uplink, outbox  # noqa: F401
+
+from edgegw.config import UplinkSettings
 
 if TYPE_CHECKING:
     from conftest import GatewayProcess, Mosquitto
@@ -54,3 +58,18 @@ def test_two_gateways_with_one_id_are_detected_and_back_off(
     counted = [line for line in metrics.splitlines() if line.startswith("edgegw_uplink_session_takeovers_total")]
     assert counted and float(counted[0].split()[-1]) >= 1, counted
     assert first.terminate() == 0 and second.terminate() == 0
+
+
+async def test_a_streak_told_by_closes_alone_counts_its_first_takeover_too(pki: Any, outbox: Any) -> None:  # noqa: F811
+    """mosquitto 2.0 sends no 0x8E: a takeover shows only as the second clean close in a row, and the first close
+    of that streak was one too. A DISCONNECT 0x8E is certain at once and counts one."""
+    pair = pki.client("uplink")
+    uplink = make_uplink(UplinkSettings(host="127.0.0.1", port=1, ca=pki.ca, cert=pair.cert, key=pair.key), outbox)
+    link = SimpleNamespace(taken_over=False, host="127.0.0.1", port=1)
+    uplink._taken_over(link, 2)  # type: ignore[arg-type]
+    assert uplink.session_takeovers == 2
+    uplink._taken_over(link, 3)  # type: ignore[arg-type]
+    assert uplink.session_takeovers == 3
+    link.taken_over = True
+    uplink._taken_over(link, 0)  # type: ignore[arg-type]
+    assert uplink.session_takeovers == 4

@@ -201,7 +201,8 @@ class Uplink(Pump, Sending, Commands):
         one ``gateway.id``, or a leftover process. Certain with DISCONNECT 0x8E; mosquitto 2.0 sends none (over
         MQTT 5 as over 3.1.1) and only closes the older connection, so a second clean close without a reason
         within FLAP_SECONDS of the CONNACK counts too. The backoff in :meth:`run` keeps growing meanwhile."""
-        self.session_takeovers += 1
+        # Told by close alone, the first takeover of a streak is recognised only at the second: count both then.
+        self.session_takeovers += 2 if flaps == 2 and not link.taken_over else 1
         evidence = ("DISCONNECT from server: Session taken over (0x8e)" if link.taken_over else
                     f"the server closed {flaps} connections in a row within {FLAP_SECONDS:g} s of accepting "
                     "them, without a reason (mosquitto's way of ending the older of two sessions)")
