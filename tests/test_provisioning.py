@@ -174,6 +174,9 @@ def test_intermediate_fleet_crl_is_checked_at_every_handshake_and_closes_live_se
         gw.wait_for_event("tls.session_closed", device_id="rev-1", listener="coap")
         gw.wait_for_event("dtls.session_closed", device_id="rev-1")
         assert keep.accepted
+        # `pki revoke` writes the registry and the CRL one after the other: a reload may have seen the first only
+        # (it closed the sessions all the same), and the handshakes below need the one that loaded the CRL.
+        gw.wait_for_event("tls.reloaded", revoked_serials=len(revoked["revoked_serials"]))
 
         # New handshakes of rev-1 are refused by the CRL in the handshake: no CONNACK at all (a registry refusal
         # would be CONNACK 0x87 after it), no CoAP answer (a registry refusal is a 4.03), and for DTLS the verify
