@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from edgegw.mqtt._read_ahead import raw_pending, read_ahead
+from edgegw.mqtt._read_ahead import enable_read_ahead, read_ahead
 from edgegw.mqtt._tls_listener import TLSListener
 
 __all__ = ["CLOSE_TIMEOUT", "HIGH_WATER", "LOW_WATER", "READ_BUDGET", "HandshakeDone", "TLSListener", "TLSTransport",
@@ -115,8 +115,7 @@ class TLSTransport(asyncio.Transport):
             sock.close()
             self._loop.call_soon(self._handshake_failed, exc)
             return
-        self.read_ahead = read_ahead(self._sock)
-        self._raw_pending = raw_pending(self._sock) if self.read_ahead else None
+        self.read_ahead, self._raw_pending = enable_read_ahead(self._sock)
         # The handshake never starts inside this constructor: the caller hears of the outcome only through
         # ``on_handshake``, after it has stored the transport. A server waits for the ClientHello; a client sends
         # it on the next loop iteration.
