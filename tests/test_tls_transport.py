@@ -10,6 +10,7 @@ else, and a reloaded context applies to the next handshake.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
 import os
@@ -30,7 +31,7 @@ from edgegw.identity import (
     identity_from_peercert,
     server_ssl_context,
 )
-from edgegw.mqtt import _read_ahead
+from edgegw.mqtt import _read_ahead, _tls
 from edgegw.mqtt._tls import TLSListener, TLSTransport, read_ahead
 
 pytestmark = pytest.mark.timeout(60)
@@ -364,6 +365,29 @@ async def test_peer_close_is_eof_then_connection_lost(fleet: Fleet) -> None:
         peer = server.peers[0]
         assert await asyncio.wait_for(peer.lost, 5) is None
         assert bytes(peer.data) == b"bye"
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_peer_close_without_close_notify_is_an_eof_too(fleet: Fleet, monkeypatch: pytest.MonkeyPatch,
+                                                             direct: bool) -> None:
+    """A device that loses power or is killed sends no close_notify (a "ragged" EOF): the bytes it sent before are
+    delivered, then the connection ends like a clean close (no error), on both of the read loop's paths: the
+    ``_ssl._SSLSocket`` called directly (raises SSLEOFError) and the ``SSLSocket`` wrapper (returns 0)."""
+    if not direct:
+        monkeypatch.setattr(_tls, "_direct_io", lambda sock: sock)
+    async with serving(server_context(fleet)) as server:
+        client = await asyncio.to_thread(tls_client, server.port, fleet.device_context("dev-07"))
+        transport, exc = await server.outcome()
+        assert exc is None
+        assert (type(transport._io) is getattr(_ssl, "_SSLSocket")) is direct
+        await asyncio.to_thread(client.sendall, b"last words")
+        raw = socket.socket(fileno=os.dup(client.fileno()))
+        raw.shutdown(socket.SHUT_RDWR)  # the TCP connection ends, TLS never closed
+        raw.close()
+        client.close()
+        peer = server.peers[0]
+        assert await asyncio.wait_for(peer.lost, 5) is None
+        assert bytes(peer.data) == b"last words"
 
 
 async def test_next_handshake_uses_the_context_given_at_accept(fleet: Fleet, tmp_path: Path) -> None:
