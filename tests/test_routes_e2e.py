@@ -4,6 +4,7 @@ and the `edgegw quarantine` commands on the real outbox file."""
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -52,14 +53,17 @@ def edgegw(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
 class Device:
     """A paho MQTT 5 device that records PUBACK reason codes by message id."""
 
-    def __init__(self, fleet: Fleet, gw: GatewayProcess, device_id: str) -> None:
+    def __init__(self, fleet: Fleet, gw: GatewayProcess, device_id: str, *, will: tuple[str, bytes] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
         self.acks: dict[int, int] = {}
         self.suback: list[int] = []
         # No automatic reconnect: a device the gateway closes stays down, and its network thread ends with the
         # connection, so loop_stop() does not wait out paho's reconnect sleep (<= 1 s).
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=MQTTProtocolVersion.MQTTv5,
                              reconnect_on_failure=False)
-        client.tls_set_context(fleet.device_context(device_id))
+        client.tls_set_context(context or fleet.device_context(device_id))
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1)
         client.on_publish = lambda c, u, mid, reason, props: self.acks.__setitem__(mid, int(reason.value))
         client.on_subscribe = lambda c, u, mid, reasons, props: self.suback.extend(int(r.value) for r in reasons)
         self.connected = False
@@ -76,6 +80,16 @@ class Device:
 
     def close(self) -> None:
         self.client.disconnect()
+        self.client.loop_stop()
+
+    def drop(self) -> None:
+        """The link lost without a DISCONNECT (the will is published): a FIN under paho, no TLS close_notify."""
+        sock = self.client.socket()
+        if isinstance(sock, socket.socket):
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.client.loop_stop()
 
 
@@ -257,6 +271,41 @@ topic = "{prefix}/{device_id}/{rest}"
     assert got == [("cloud/_untenanted/dev-07/dev-04/t", b"spoof-routed"),
                    ("cloud/_untenanted/dev-07/dev-04/t", b"spoof-unmatched"),
                    ("cloud/dev-07/dev-04/t", b"real")]
+
+
+def test_a_will_goes_up_under_its_devices_tenant_never_in_another_tenants_space(
+        fleet: Fleet, mosquitto: Mosquitto, gateway_factory: Any, sink_factory: Any, tmp_path: Path) -> None:
+    """A will is a publish the device made in advance: with tenants on it goes through the pipeline like one.
+    Stored as sent, dev-07's (no tenant) will on devices/dev-07/dev-04/t went up as cloud/dev-07/dev-04/t, where
+    tenant dev-07's device dev-04 publishes (as in the test above); now under the reserved _untenanted level. And
+    dev-04's own will goes up under its tenant's prefix, as its publishes do."""
+    registry = tmp_path / "registry.db"
+    with Registry.open(registry) as reg:
+        reg.register("dev-04", tenant="dev-07")
+        reg.register("dev-07")
+    sink = sink_factory(mosquitto, topic="#")
+    gw = start(gateway_factory, mosquitto, '[tenants]\nsource = "registry"\n', registry={"path": str(registry)})
+    spoofer = Device(fleet, gw, "dev-07", will=("devices/dev-07/dev-04/t", b"spoof-will"))
+    owner = Device(fleet, gw, "dev-04", will=("devices/dev-04/status", b"dev-04-offline"))
+    spoofer.drop()
+    owner.drop()
+    messages = sink.wait_for(lambda m: len(m) >= 2, 15)
+    got = sorted((m.topic, m.payload) for m in messages)
+    assert got == [("cloud/_untenanted/dev-07/dev-04/t", b"spoof-will"), ("cloud/dev-07/dev-04/status", b"dev-04-offline")]
+    assert gw.wait_for_event("mqtt.will_published")
+
+
+def test_a_will_gets_the_tenant_of_the_certificate_the_device_connected_with(
+        fleet: Fleet, mosquitto: Mosquitto, gateway_factory: Any, sink_factory: Any, tmp_path: Path) -> None:
+    """From a certificate attribute the tenant is known only while the connection is up: it is noted at CONNECT,
+    so the will, published after the connection is gone, still goes up under that tenant."""
+    sink = sink_factory(mosquitto, topic="#")
+    gw = start(gateway_factory, mosquitto, '[tenants]\nsource = "cert-o"\n')
+    device = Device(fleet, gw, "dev-08", will=("devices/dev-08/status", b"gone"),
+                    context=_device_cert_with_org(fleet, tmp_path, "dev-08", "initech"))
+    device.drop()
+    messages = sink.wait_for(lambda m: len(m) >= 1, 15)
+    assert [(m.topic, m.payload) for m in messages] == [("cloud/initech/dev-08/status", b"gone")]
 
 
 def _device_cert_with_org(fleet: Fleet, folder: Path, device_id: str, org: str) -> ssl.SSLContext:

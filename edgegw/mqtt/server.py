@@ -211,13 +211,24 @@ class MQTTServer:
         return False
 
     def _publish_will(self, key: str, message: Message) -> None:
-        """A device's will (its ACL was checked at CONNECT): into the outbox and to local subscribers."""
+        """A device's will (its ACL was checked at CONNECT): into the outbox and to local subscribers. With routes,
+        transforms or tenants configured it goes through the pipeline as the device's publishes do, under the
+        device's tenant: stored as sent, a tenant-less device's will on ``devices/{id}/{other-id}/...`` would go up
+        as ``{prefix}/{id}/{other-id}/...``, inside the space of a tenant named like the device."""
         device_id = key.removeprefix(LAB_PREFIX)
         tp = new_traceparent()
         log.info("mqtt.will_published", device_id=device_id, topic=message.topic, trace_id=tp[3:35])
+        properties = record_properties(message.properties, tp)
+        pipeline = self.pipeline
         try:
-            self._outbox.submit(device_id, message.topic, message.payload, message.qos,
-                                properties=record_properties(message.properties, tp))
+            if pipeline is not None:
+                tenants = pipeline.tenants
+                # The lab listener has no certificate: its publishes get the tenant of none, so does its will.
+                tenant = tenants.tenant(device_id, "", None) if key != device_id else tenants.known(device_id)
+                pipeline.submit(self._outbox, device_id, tenant, message.topic, message.payload, message.qos, None,
+                                properties)
+            else:
+                self._outbox.submit(device_id, message.topic, message.payload, message.qos, properties=properties)
         except OutboxError as exc:
             log.warning("mqtt.will_not_recorded", device_id=device_id, reason=str(exc), trace_id=tp[3:35])
         self.broker.route(message)
