@@ -13,8 +13,8 @@ connection (``_flush_soon``), not once per message. Deliveries to devices are fl
 One connection is :class:`~edgegw.mqtt.device.DeviceProtocol` (edgegw/mqtt/device.py; its publish path in
 ``_ingress.py``, its flow control in ``_flow.py``), re-exported here with ``LAB_PREFIX``.
 
-Also here: the downlink entry point for the uplink (:meth:`MQTTServer.deliver_downlink`), wills (into the outbox
-and to local subscribers), the session journal (:mod:`edgegw.mqtt.sessiondb`: restored at start, written in
+Also here: the downlink entry point for the uplink (:meth:`MQTTServer.deliver_downlink`), wills (into the outbox,
+through the pipeline when one is configured, and to local subscribers), the session journal (:mod:`edgegw.mqtt.sessiondb`: restored at start, written in
 batches, SUBACK after its commit for persistent sessions), and the plain-TCP lab
 listener (``mqtt.lab = true`` only).
 """
