@@ -14,9 +14,9 @@ One connection is :class:`~edgegw.mqtt.device.DeviceProtocol` (edgegw/mqtt/devic
 ``_ingress.py``, its flow control in ``_flow.py``), re-exported here with ``LAB_PREFIX``.
 
 Also here: the downlink entry point for the uplink (:meth:`MQTTServer.deliver_downlink`), wills (into the outbox,
-through the pipeline when one is configured, and to local subscribers), the session journal (:mod:`edgegw.mqtt.sessiondb`: restored at start, written in
-batches, SUBACK after its commit for persistent sessions), and the plain-TCP lab
-listener (``mqtt.lab = true`` only).
+through the pipeline when one is configured, and to local subscribers), the session journal
+(:mod:`edgegw.mqtt.sessiondb`: restored at start, written in batches, SUBACK after its commit for persistent
+sessions), and the plain-TCP lab listener (``mqtt.lab = true`` only).
 """
 
 from __future__ import annotations
