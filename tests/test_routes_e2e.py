@@ -4,6 +4,7 @@ and the `edgegw quarantine` commands on the real outbox file."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -298,11 +299,18 @@ def test_a_will_goes_up_under_its_devices_tenant_never_in_another_tenants_space(
 def test_a_will_gets_the_tenant_of_the_certificate_the_device_connected_with(
         fleet: Fleet, mosquitto: Mosquitto, gateway_factory: Any, sink_factory: Any, tmp_path: Path) -> None:
     """From a certificate attribute the tenant is known only while the connection is up: it is noted at CONNECT,
-    so the will, published after the connection is gone, still goes up under that tenant."""
+    so the will, published after the connection is gone, still goes up under that tenant; also after a reload
+    (SIGHUP) in between, which builds a new pipeline with a new tenant resolver."""
     sink = sink_factory(mosquitto, topic="#")
     gw = start(gateway_factory, mosquitto, '[tenants]\nsource = "cert-o"\n')
     device = Device(fleet, gw, "dev-08", will=("devices/dev-08/status", b"gone"),
                     context=_device_cert_with_org(fleet, tmp_path, "dev-08", "initech"))
+    with open(gw.config_path, "a", encoding="utf-8") as f:  # a changed pipeline: rebuilt, not kept
+        f.write('\n[[routes]]\nname = "other"\nmatch = "devices/{device_id}/other/#"\n'
+                'topic = "{prefix}/{device_id}/{rest}"\n')
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    assert gw.wait_for_event("config.reloaded", trigger="SIGHUP")["routes"] == 1
     device.drop()
     messages = sink.wait_for(lambda m: len(m) >= 1, 15)
     assert [(m.topic, m.payload) for m in messages] == [("cloud/initech/dev-08/status", b"gone")]

@@ -289,13 +289,13 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
                 # A will is a publish like any other: refused up front rather than dropped when it fires.
                 self._refuse(ReasonCode.NOT_AUTHORIZED, "will topic not allowed", client_id)
                 return
-            pipeline = self.server.pipeline
-            if pipeline is not None and not self.lab:
-                # Noted now, while the certificate is at hand: the will goes through the pipeline under the
-                # device's tenant when it fires, after this connection is gone (MQTTServer._publish_will).
-                pipeline.tenants.tenant(device_id, self.identity.serial if self.identity is not None else "",
-                                        self._peercert)
         key = LAB_PREFIX + device_id if self.lab else device_id
+        pipeline = self.server.pipeline
+        if will is not None and pipeline is not None and not self.lab:
+            # Resolved now, while the certificate is at hand: the will goes through the pipeline under the device's
+            # tenant when it fires, after this connection is gone (MQTTServer._publish_will).
+            self.server.will_tenants[key] = pipeline.tenants.tenant(
+                device_id, self.identity.serial if self.identity is not None else "", self._peercert)
         self.device_id = device_id
         self.session_key = key
         previous = self.server.devices.get(key)

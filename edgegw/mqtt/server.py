@@ -98,6 +98,10 @@ class MQTTServer:
         self._acl = acl
         self.pipeline: Pipeline | None = None
         """Routes, transforms, tenants (edgegw/pipeline); None: records stored as sent. Replaced whole on reload."""
+        self.will_tenants: dict[str, str] = {}
+        """Session key -> the tenant its device's certificate gave when it connected with a will (the certificate is
+        gone when the will fires; kept across reloads). One entry per device that connected with a will while a
+        pipeline was on, replaced at its next such CONNECT: bounded by the fleet."""
         self.limiter: Limiter | None = None
         """Rate limits and quotas (edgegw/policy/limits.py), checked first for every publish; None: no limits."""
         self._outbox = outbox
@@ -224,7 +228,8 @@ class MQTTServer:
             if pipeline is not None:
                 tenants = pipeline.tenants
                 # The lab listener has no certificate: its publishes get the tenant of none, so does its will.
-                tenant = tenants.tenant(device_id, "", None) if key != device_id else tenants.known(device_id)
+                tenant = (tenants.tenant(device_id, "", None) if key != device_id
+                          else tenants.known(device_id, self.will_tenants.get(key)))
                 pipeline.submit(self._outbox, device_id, tenant, message.topic, message.payload, message.qos, None,
                                 properties)
             else:

@@ -92,8 +92,6 @@ class TenantResolver:
         self.default = safe_tenant(settings.default)
         self._registry = registry
         self._by_cert: dict[tuple[str, str], str] = {}
-        self._by_device: dict[str, str] = {}
-        """The tenant of the certificate each device presented last (what :meth:`known` answers)."""
         self._oid = attribute_oid("tenants.source", settings.source)  # None: not from the certificate
 
     def tenant(self, device_id: str, serial: str, peercert: Any) -> str:
@@ -111,19 +109,18 @@ class TenantResolver:
         if serial:  # the lab listener has no certificate: nothing to cache by
             if len(self._by_cert) >= _CACHE_MAX:
                 self._by_cert.clear()
-                self._by_device.clear()
             self._by_cert[key] = tenant
-            self._by_device[device_id] = tenant
         return tenant
 
-    def known(self, device_id: str) -> str:
+    def known(self, device_id: str, noted: str | None) -> str:
         """The tenant of a device whose certificate is not at hand: an MQTT will, published after its connection
-        is gone. Exact for ``none`` and ``registry``; from a certificate, the one the device presented last since
-        the start (the ingress resolves it at CONNECT when there is a will), else ``tenants.default``, which may be
-        none: the will then goes up under the reserved ``_untenanted`` level, never in a tenant's space."""
+        is gone. Exact for ``none`` and ``registry`` (looked up now); from a certificate, ``noted``: what the
+        ingress resolved when the device connected with its will. Without it (a delayed will restored after a
+        restart) ``tenants.default``, which may be none: the will then goes up under the reserved ``_untenanted``
+        level, never in a tenant's space."""
         if self.source in ("none", "registry"):
             return self.tenant(device_id, "", None)
-        return self._by_device.get(device_id, self.default)
+        return noted if noted is not None else self.default
 
 
 def tenant_from_peercert(peercert: Mapping[str, Any] | None, attribute: str) -> str | None:
