@@ -138,22 +138,27 @@ class PahoDevice:
 
     def drop(self) -> None:
         """Close the socket without DISCONNECT (as a lost link would)."""
-        # No reconnect after this: otherwise paho's network thread, seeing the link lost, sleeps out its reconnect
-        # delay (1 s) and loop_stop() waits for it, so the gateway saw the loss up to 1 s before drop() returns
-        # (a will delay measured from here then looked 1 s short). paho 2.2 has no public setter for this flag.
-        self.client._reconnect_on_failure = False
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket):  # ssl.SSLSocket included
-            # Shut the TCP socket down under paho first (a FIN, no DISCONNECT, no TLS close_notify): its network
-            # thread wakes from select() at once, sees the link lost and ends, where a plain loop_stop() would wait
-            # out select()'s 1 s timeout. socket.socket's method: the fd only, not the SSL object paho reads with.
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by the peer
-        self.client.loop_stop()
-        if sock is not None:
-            sock.close()
+        drop_link(self.client)
+
+
+def drop_link(client: mqtt.Client) -> None:
+    """End a paho client's link without DISCONNECT (as a lost link would: the gateway publishes its will)."""
+    # No reconnect after this: otherwise paho's network thread, seeing the link lost, sleeps out its reconnect
+    # delay (1 s) and loop_stop() waits for it, so the gateway saw the loss up to 1 s before drop() returns
+    # (a will delay measured from here then looked 1 s short). paho 2.2 has no public setter for this flag.
+    client._reconnect_on_failure = False
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # ssl.SSLSocket included
+        # Shut the TCP socket down under paho first (a FIN, no DISCONNECT, no TLS close_notify): its network
+        # thread wakes from select() at once, sees the link lost and ends, where a plain loop_stop() would wait
+        # out select()'s 1 s timeout. socket.socket's method: the fd only, not the SSL object paho reads with.
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by the peer
+    client.loop_stop()
+    if sock is not None:
+        sock.close()
 
 
 async def until(predicate: Callable[[], bool], timeout: float, what: str = "") -> None:

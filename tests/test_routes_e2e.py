@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import msgpack
 import paho.mqtt.client as mqtt
 import pytest
 from conftest import Fleet, GatewayProcess, Mosquitto, free_port, wait_until
+from mqtt_peers import drop_link
 from ops_peers import metrics, sample
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
@@ -84,14 +84,8 @@ class Device:
         self.client.loop_stop()
 
     def drop(self) -> None:
-        """The link lost without a DISCONNECT (the will is published): a FIN under paho, no TLS close_notify."""
-        sock = self.client.socket()
-        if isinstance(sock, socket.socket):
-            try:
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.client.loop_stop()
+        """The link lost without a DISCONNECT (the will is published)."""
+        drop_link(self.client)
 
 
 def start(gateway_factory: Any, broker: Mosquitto, extra: str, **overrides: Any) -> GatewayProcess:
