@@ -588,14 +588,21 @@ class Subscriber:
     each line, and ``%U`` is its own receive time (unix, ns), so the end-to-end time does not depend on how
     often we poll. Counts distinct payloads (every generated payload is unique) and duplicates."""
 
-    def __init__(self, procs: Procs, folder: Path, pki: PKI, broker: Mosquitto, tag: str) -> None:
+    def __init__(self, procs: Procs, folder: Path, pki: PKI, broker: Mosquitto, tag: str, *,
+                 frames: bool = False) -> None:
         self.path = folder / f"sub-{tag}.txt"
         self.path.write_bytes(b"")
         sink = pki.client("sink")
         self._out = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = procs.spawn([MOSQUITTO_SUB, "-h", HOST, "-p", str(broker.port), "--cafile", str(pki.cloud_ca),
-                                 "--cert", str(sink.cert), "--key", str(sink.key), "-i", f"sink-{tag}",
-                                 "-t", "#", "-q", "1", "-F", "%U %p"], stdout=self._out)
+        if frames:  # the gateway sends batch frames: bench/frame_sub.py unpacks them into the same lines
+            self.proc = procs.spawn([sys.executable, str(Path(__file__).with_name("frame_sub.py")),
+                                     "--port", str(broker.port), "--cafile", str(pki.cloud_ca),
+                                     "--cert", str(sink.cert), "--key", str(sink.key), "--client-id", f"sink-{tag}",
+                                     "--out", str(self.path)], log=folder / f"sub-{tag}.log")
+        else:
+            self.proc = procs.spawn([MOSQUITTO_SUB, "-h", HOST, "-p", str(broker.port), "--cafile",
+                                     str(pki.cloud_ca), "--cert", str(sink.cert), "--key", str(sink.key),
+                                     "-i", f"sink-{tag}", "-t", "#", "-q", "1", "-F", "%U %p"], stdout=self._out)
         self._offset = 0
         self._partial = b""
         self.seen: set[bytes] = set()

@@ -10,8 +10,10 @@ certificate, client id = device id, N 100-byte JSON lines) and the same upstream
   B  generator -> edgegw run (outbox synchronous=full) -> upstream  (the durable path)
   C  generator -> mosquitto edge broker + bridge -> upstream        (the comparison peer; not durable per message)
   D  1,000 idle mTLS MQTT connections to edgegw, then to mosquitto (100 with --quick)
+  E  B with ``uplink.batch_max_records = 100``: the uplink packs records into msgpack frames, and the subscriber
+     is ``bench/frame_sub.py`` (paho), which unpacks them into the same lines as ``mosquitto_sub``
 
-A full run repeats A, B and C three times (interleaved; the median run is reported), then runs B and C again with
+A full run repeats A, B, C and E three times (interleaved; the median run is reported), then runs B and C again with
 the devices' in-flight window at 1 and 64 (``--sweep``), then, when py-spy is installed (``.venv/bin/pip install
 py-spy``), scenario B once more with py-spy attached: the top self-time functions go under "Profile".
 ``--only B`` (or BC, ...) and ``--set outbox.commit_window_ms=1`` are for experiments; a partial run never writes
@@ -81,6 +83,8 @@ from harness import (  # noqa: E402
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 PY_SPY_ARGS = ["record", "--rate", "250", "--threads", "--format", "raw"]
 PBEGIN, PEND = "<!-- bench:profile:begin -->", "<!-- bench:profile:end -->"
+E_BATCH_RECORDS = 100  # scenario E: records per uplink frame at most (a frame takes what is ready: no linger)
+SCENARIOS = "ABCDE"
 
 
 @dataclass
@@ -190,6 +194,14 @@ class Bench:
         return Mosquitto(self.procs, self.workdir / f"{tag}-upstream", cafile=self.pki.bundle,
                          server=self.pki.broker_server, extra=extra).start()
 
+    def overrides(self, key: str) -> dict[str, dict[str, Any]]:
+        """The gateway's configuration overrides for scenario ``key``: ``--set``, and for E the batch frames."""
+        if key != "E":
+            return self.p.gateway_overrides
+        merged = {section: dict(kv) for section, kv in self.p.gateway_overrides.items()}
+        merged.setdefault("uplink", {}).setdefault("batch_max_records", E_BATCH_RECORDS)
+        return merged
+
     def flow(self, key: str, title: str, *, profile_out: Path | None = None, inflight: int | None = None,
              generator: Generator | None = None) -> FlowResult:
         generator = generator or self.generator
@@ -208,16 +220,17 @@ class Bench:
             edge_pid: int | None = None
             if key == "A":
                 port = upstream.port
-            elif key == "B":
+            elif key in ("B", "E"):
                 gateway = Gateway(self.procs, self.workdir / f"{tag}-gateway", pki, upstream,
-                                  overrides=self.p.gateway_overrides).start()
+                                  overrides=self.overrides(key)).start()
                 port, edge_pid = gateway.port, gateway.pid
             else:
                 edge = Mosquitto(self.procs, self.workdir / f"{tag}-edge", cafile=pki.bundle,
                                  server=pki.gateway_server, persistence=True,
                                  extra=bridge_lines(upstream, pki)).start()
                 port, edge_pid = edge.port, edge.pid
-            sub = Subscriber(self.procs, self.workdir, pki, upstream, tag)
+            batched = gateway is not None and int(self.overrides(key).get("uplink", {}).get("batch_max_records", 1)) > 1
+            sub = Subscriber(self.procs, self.workdir, pki, upstream, tag, frames=batched)
             sub.wait_ready(lambda: publish_probe(port, pki.bundle, pki.device("probe"), "probe",
                                                  "devices/probe/ready", tag), timeout=20.0)
             if profile_out is not None and edge_pid is not None:
@@ -615,7 +628,9 @@ def render(params: Params, command: str, mach: dict[str, str], workdir: Path, fs
           f"{rss} | {status} |")
     w("")
     if any(len(f.runs) > 1 for f in flows):
-        w(f"Each of A, B and C ran {params.repeat} times, interleaved (A B C A B C ...); the table shows the run with "
+        keys = [f.key for f in flows]
+        w(f"Each of {', '.join(keys[:-1])} and {keys[-1]} ran {params.repeat} times, interleaved "
+          f"({' '.join(keys)} {' '.join(keys)} ...); the table shows the run with "
           "the median device-side rate. Every run, device-side / end-to-end msg/s (edge CPU us/msg; other load %): "
           + "; ".join(f"**{f.key}** " + ", ".join(
               f"{_f(d)} / {_f(e)} (" + (f"{_f(c, 0)} us; " if c else "") + f"{_f(o)}%)"
@@ -634,6 +649,19 @@ def render(params: Params, command: str, mach: dict[str, str], workdir: Path, fs
         if a and a.ok:
             w(f"- edgegw device-side throughput vs the generator's ceiling (A): {b.device_rate / a.device_rate:.2f}x")
         w("")
+    e = by.get("E")
+    if e and c and e.ok and c.ok:
+        w(f"With the uplink in batch frames (E: `uplink.batch_max_records = {E_BATCH_RECORDS}`, an option the cloud "
+          "side must decode; B is the default, one upstream message per record) / mosquitto bridge C:")
+        w("")
+        w(f"- device-side throughput: **{e.device_rate / c.device_rate:.2f}x** "
+          f"({_f(e.device_rate)} vs {_f(c.device_rate)} msg/s)")
+        w(f"- end-to-end throughput: **{e.e2e_rate / c.e2e_rate:.2f}x** ({_f(e.e2e_rate)} vs {_f(c.e2e_rate)} msg/s)")
+        if e.edge_cpu_us and c.edge_cpu_us:
+            w(f"- edge CPU per message: **{e.edge_cpu_us / c.edge_cpu_us:.1f}x** "
+              f"({_f(e.edge_cpu_us, 1)} vs {_f(c.edge_cpu_us, 1)} us); upstream CPU per message "
+              f"{_f(e.upstream_cpu_us, 1)} vs {_f(c.upstream_cpu_us, 1)} us")
+        w("")
     if b and b.ok and b.main_thread_cpu_us is not None:
         w(f"edgegw's event-loop thread alone: {_f(b.main_thread_cpu_us, 1)} us/msg of the {_f(b.edge_cpu_us, 1)}; "
           f"of the end-to-end time it was running {_f(b.main_thread_busy_pct)}% and runnable but waiting for a CPU "
@@ -644,8 +672,8 @@ def render(params: Params, command: str, mach: dict[str, str], workdir: Path, fs
       "the PUBACK of its last message (checked below), so this is acknowledged throughput (with ~0.1 s of process "
       "start and connection set-up included). *end-to-end* = from spawning the devices until the upstream subscriber "
       "received the last distinct message. *upstream arrival* = rate between the first and last arrival at the "
-      "subscriber (no start-up). *edge CPU* = utime+stime of the gateway (B) or edge mosquitto (C) from /proc/PID/stat "
-      "over the run, divided by the messages (B: until the outbox is empty again, deletes included). *generator CPU* "
+      "subscriber (no start-up). *edge CPU* = utime+stime of the gateway (B, E) or edge mosquitto (C) from /proc/PID/stat "
+      "over the run, divided by the messages (B, E: until the outbox is empty again, deletes included). *generator CPU* "
       "= all mosquitto_pub processes (wait4 rusage). *machine CPU busy* = all CPUs, /proc/stat, from the devices' "
       "start to the last delivery (100% = every CPU busy). RSS from /proc/PID/status (VmRSS, peak = VmHWM).")
     w("")
@@ -783,13 +811,13 @@ def main(argv: list[str] | None = None) -> int:
                              "busy (default 0: do not wait)")
     parser.add_argument("--workdir", type=Path, help="where PKI, outbox and logs go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
-    parser.add_argument("--only", default="ABCD", help="scenarios to run, e.g. B or BC (default ABCD); a partial "
+    parser.add_argument("--only", default=SCENARIOS, help=f"scenarios to run, e.g. B or BC (default {SCENARIOS}); a partial "
                         "run never writes --out")
     args = parser.parse_args(argv)
 
     quick = args.quick
     only = args.only.upper()
-    partial = only != "ABCD"
+    partial = set(only) != set(SCENARIOS)
     profile = args.profile if args.profile is not None else (not quick and not partial and bool(py_spy()))
     sweep = args.sweep if args.sweep is not None else (not quick and not partial)
     if profile and not py_spy():
@@ -844,7 +872,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(params.repeat):  # interleaved, so drift on the machine spreads over all scenarios
             for key, title in (("A", "generator -> mosquitto (direct)"),
                                ("B", "generator -> edgegw (outbox FULL) -> mosquitto"),
-                               ("C", "generator -> mosquitto bridge -> mosquitto")):
+                               ("C", "generator -> mosquitto bridge -> mosquitto"),
+                               ("E", f"generator -> edgegw, uplink in frames of <= {E_BATCH_RECORDS} -> mosquitto")):
                 if key not in only:
                     continue
                 t = time.monotonic()
@@ -914,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprofile failed: {prof_error}", file=sys.stderr)
 
     ok = bool(gen_check.get("ok")) and all(f.ok for f in flows + sweeps) and all(r.ok for r in idles) and \
-        len(flows) + len(idles) == sum(k in only for k in "ABC") + 2 * ("D" in only) and \
+        len(flows) + len(idles) == sum(k in only for k in "ABCE") + 2 * ("D" in only) and \
         (not profile or prof_summary is not None)
     if not ok:
         print("edgegw bench: FAILED (see Problems above); --out not written", file=sys.stderr)
