@@ -209,6 +209,34 @@ async def test_disk_headroom_guard(make, tmp_path: Path) -> None:
         Outbox.free_bytes = staticmethod(__import__("edgegw.outbox.store", fromlist=["x"])._statvfs_free)
 
 
+@pytest.mark.parametrize("policy", ["reject-new", "drop-oldest"])
+async def test_disk_guard_lifts_once_the_disk_has_room_again_without_a_commit(make, policy: str) -> None:
+    """The disk was full when the outbox opened (or during a spike), so the byte limit fell to 0 and every record is
+    refused; with ``ttl = 0`` no TTL sweep commits, and a refused record commits nothing: the free space must still
+    be read again, or the gateway refuses every device for good after the disk got room back."""
+    disk = {"free": 0}
+    Outbox.free_bytes = staticmethod(lambda folder: disk["free"])  # type: ignore[assignment]
+    try:
+        run = await make(full_policy=policy, ttl=0, min_free_bytes=10_000_000)
+        box = run.outbox
+        assert box.byte_limit == 0
+        with pytest.raises(OutboxFull) as info:
+            box.submit("d", "devices/d/t", b"x", 1)
+        assert info.value.reason == "disk"
+        woken = asyncio.Event()
+        box.when_room(woken.set)  # a held MQTT 3.1.1 device waits for this
+        disk["free"] = 10**12  # an operator freed space: logs rotated
+        await asyncio.wait_for(woken.wait(), 5)
+        assert box.byte_limit == box._settings.max_bytes
+        committed: list[bool] = []
+        box.submit("d", "devices/d/t", b"x", 1, committed.append)
+        await run.settle()
+        assert committed == [True]
+    finally:
+        del Outbox.free_bytes
+        Outbox.free_bytes = staticmethod(__import__("edgegw.outbox.store", fromlist=["x"])._statvfs_free)
+
+
 # --- space returned -------------------------------------------------------------------------------------------
 
 

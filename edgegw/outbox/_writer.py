@@ -69,8 +69,9 @@ class GroupWriter(Admission, Upkeep):
         loop = asyncio.get_running_loop()
         window = self._settings.commit_window_ms / 1000
         while True:
-            if self._settings.ttl > 0 and not self._wake.is_set():
-                timeout = max(0.0, self._expire_due - time.monotonic())
+            due = self._upkeep_due()
+            if due is not None and not self._wake.is_set():
+                timeout = max(0.0, due - time.monotonic())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
                 except TimeoutError:
@@ -103,6 +104,16 @@ class GroupWriter(Admission, Upkeep):
                 except TimeoutError:
                     if await self._vacuum_step():
                         self._wake.set()
+
+    def _upkeep_due(self) -> float | None:
+        """When (monotonic) the idle writer must wake for upkeep by itself: the TTL sweep, and while the disk guard
+        lowers the byte limit, the next free-space reading. Without it a limit lowered by a full disk would stay
+        until some commit, and while every record is refused nothing commits (with ``ttl = 0``, for good)."""
+        due = self._expire_due if self._settings.ttl > 0 else None
+        if self._disk_limited:
+            check = self._disk_checked + _DISK_CHECK_EVERY
+            due = check if due is None else min(due, check)
+        return due
 
     async def _linger(self, loop: asyncio.AbstractEventLoop, limit: float, window: float) -> None:
         """Wait for more: until ``limit`` is over, the group is full, or (records) a quiet spell. Records that join
@@ -153,7 +164,8 @@ class GroupWriter(Admission, Upkeep):
         self._to_quarantine = []
         now = time.monotonic()
         expire = self._settings.ttl > 0 and now >= self._expire_due
-        if not (group or deletes or quarantine or expire):
+        disk_due = self._disk_limited and now - self._disk_checked >= _DISK_CHECK_EVERY  # read free space again
+        if not (group or deletes or quarantine or expire or disk_due):
             return
         if expire:
             self._expire_due = now + _EXPIRE_EVERY
