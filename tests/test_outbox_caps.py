@@ -62,6 +62,26 @@ async def test_record_cap_drop_oldest_evicts_the_heaviest_device_and_counts(make
     await run.close()
 
 
+async def test_a_burst_awaiting_commit_does_not_evict_the_neighbours_first(make) -> None:
+    """A chatty device's burst is longer than a group: its records of later groups count against the limit (so it
+    is the device holding the most) but are not on disk yet. Eviction must not make up for them with the quiet
+    devices' records, leaving the chatty device holding twice as much as each of them."""
+    run = await make(max_records=100, commit_max_records=10)
+    box = run.outbox
+    for _ in range(45):
+        box.submit("b", "devices/b/t", b"b", 1)
+        box.submit("c", "devices/c/t", b"c", 1)
+    await run.settle()
+    for _ in range(60):  # QoS 0 from one connection: not bounded by a receive maximum, only by max_pending
+        box.submit("a", "devices/a/t", b"a", 1)
+    await run.settle()
+    held = {d: box.usage(d)[0] for d in "abc"}
+    assert box.depth == 100 == sum(held.values())
+    # drop-oldest levels the heaviest down: whoever lost records holds at most one less than anyone else
+    assert max(held.values()) - min(held.values()) <= 1, (held, box.dropped)
+    await run.close()
+
+
 async def test_byte_cap_drop_oldest_with_priorities(make, tmp_path: Path) -> None:
     size = 1000 + len("devices/a/t") + 1 + RECORD_OVERHEAD
     run = await make(max_bytes=40 * size)
