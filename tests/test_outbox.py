@@ -264,3 +264,34 @@ def test_lock_timeout_out_of_range_names_the_key(tmp_path: Path, value: float) -
     with pytest.raises(ConfigError) as info:
         settings(tmp_path, lock_timeout=value)
     assert "outbox.lock_timeout" in str(info.value)
+
+
+async def test_a_commit_that_keeps_failing_is_retried_paced_and_stop_still_returns(tmp_path: Path) -> None:
+    """Every write fails at once (a full disk: ENOSPC on the WAL; here ``query_only`` on the writer connection, real
+    SQLite refusing every write) while upstream acknowledgements wait to be deleted. The retries must be paced (not
+    a group commit, a rollback and a recount of the whole table in a tight loop), and stop() must still end the
+    writer: the deletes it could not commit only mean a resend after the restart."""
+    import structlog
+
+    outbox = await Outbox.open(settings(tmp_path, ttl=0))
+    writer = asyncio.create_task(outbox.run())
+    try:
+        for i in range(10):
+            outbox.submit("dev", f"devices/dev/{i}", b"x", 1)
+        while outbox.committed_id < outbox._next_id - 1:
+            await asyncio.sleep(0.01)
+        acked = await outbox.fetch_after(0, 5)
+        await outbox._writer.execute("PRAGMA query_only=1")
+        with structlog.testing.capture_logs() as logs:
+            outbox.ack(r.id for r in acked)
+            await asyncio.sleep(1.0)
+            failures = sum(e["event"] == "outbox.commit_failed" for e in logs)
+            assert 1 <= failures <= 5, f"{failures} failed commits in 1 s"
+            outbox.stop()
+            await asyncio.wait_for(writer, 5)
+        assert any(e["event"] == "outbox.deletes_abandoned" and e["deletes"] == 5 for e in logs)
+    finally:
+        if not writer.done():
+            writer.cancel()
+        await outbox.close()
+    assert len(rows_on_disk(tmp_path / "outbox.db")) == 10  # not deleted: sent again after the restart
