@@ -209,6 +209,42 @@ async def test_undecodable_record_is_quarantined_not_blocking(tmp_path: Path) ->
     assert all(r.startswith("cannot decode record") for r in reasons) and "qos 7" in reasons[1]
 
 
+async def test_record_of_no_priority_class_is_quarantined_not_stranded(tmp_path: Path) -> None:
+    """After a restart the backlog is read class by class (7 down to 0): a damaged row whose priority is no class
+    (out of range, or not a number) was read by none of them, so it was neither sent nor quarantined, and stayed
+    (counted against its device) until the TTL, or for good with ``ttl = 0``."""
+    s = settings(tmp_path, ttl=0)
+    outbox = await Outbox.open(s)
+    writer = asyncio.create_task(outbox.run())
+    records = [outbox.submit("d", "devices/d/x", b"%d" % i, 1) for i in range(6)]
+    outbox.stop()
+    await writer
+    await outbox.close()
+    with sqlite3.connect(s.path) as db:  # damaged the way a bad disk or a foreign writer would
+        for record, priority in zip(records[1:5], (9, -1, "x", 1.5), strict=True):
+            db.execute("UPDATE records SET priority = ? WHERE id = ?", (priority, record.id))
+    outbox = await Outbox.open(s)
+    writer = asyncio.create_task(outbox.run())
+    try:
+        backlog = []
+        for priority in range(7, -1, -1):  # as the uplink's backfill lane reads it
+            backlog += [r.id for r in await outbox.fetch_backlog(priority, 0, outbox.committed_id, 100)]
+        assert backlog == [records[0].id, records[5].id]
+        for _ in range(500):
+            if outbox.quarantined == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert await outbox.count_quarantined() == 4
+        assert outbox.depth == 2 and outbox.usage("d")[0] == 2
+    finally:
+        outbox.stop()
+        await writer
+        await outbox.close()
+    with sqlite3.connect(s.path) as db:
+        reasons = [r[0] for r in db.execute("SELECT reason FROM quarantine ORDER BY id")]
+    assert len(reasons) == 4 and all(r.startswith("cannot decode record: priority") for r in reasons)
+
+
 async def test_version_1_file_is_migrated(tmp_path: Path) -> None:
     target = tmp_path / "outbox.db"
     with sqlite3.connect(target) as db:  # the schema of the first release, without auto_vacuum
@@ -264,3 +300,34 @@ def test_lock_timeout_out_of_range_names_the_key(tmp_path: Path, value: float) -
     with pytest.raises(ConfigError) as info:
         settings(tmp_path, lock_timeout=value)
     assert "outbox.lock_timeout" in str(info.value)
+
+
+async def test_a_commit_that_keeps_failing_is_retried_paced_and_stop_still_returns(tmp_path: Path) -> None:
+    """Every write fails at once (a full disk: ENOSPC on the WAL; here ``query_only`` on the writer connection, real
+    SQLite refusing every write) while upstream acknowledgements wait to be deleted. The retries must be paced (not
+    a group commit, a rollback and a recount of the whole table in a tight loop), and stop() must still end the
+    writer: the deletes it could not commit only mean a resend after the restart."""
+    import structlog
+
+    outbox = await Outbox.open(settings(tmp_path, ttl=0))
+    writer = asyncio.create_task(outbox.run())
+    try:
+        for i in range(10):
+            outbox.submit("dev", f"devices/dev/{i}", b"x", 1)
+        while outbox.committed_id < outbox._next_id - 1:
+            await asyncio.sleep(0.01)
+        acked = await outbox.fetch_after(0, 5)
+        await outbox._writer.execute("PRAGMA query_only=1")
+        with structlog.testing.capture_logs() as logs:
+            outbox.ack(r.id for r in acked)
+            await asyncio.sleep(1.0)
+            failures = sum(e["event"] == "outbox.commit_failed" for e in logs)
+            assert 1 <= failures <= 5, f"{failures} failed commits in 1 s"
+            outbox.stop()
+            await asyncio.wait_for(writer, 5)
+        assert any(e["event"] == "outbox.deletes_abandoned" and e["deletes"] == 5 for e in logs)
+    finally:
+        if not writer.done():
+            writer.cancel()
+        await outbox.close()
+    assert len(rows_on_disk(tmp_path / "outbox.db")) == 10  # not deleted: sent again after the restart

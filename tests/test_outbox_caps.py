@@ -62,6 +62,26 @@ async def test_record_cap_drop_oldest_evicts_the_heaviest_device_and_counts(make
     await run.close()
 
 
+async def test_a_burst_awaiting_commit_does_not_evict_the_neighbours_first(make) -> None:
+    """A chatty device's burst is longer than a group: its records of later groups count against the limit (so it
+    is the device holding the most) but are not on disk yet. Eviction must not make up for them with the quiet
+    devices' records, leaving the chatty device holding twice as much as each of them."""
+    run = await make(max_records=100, commit_max_records=10)
+    box = run.outbox
+    for _ in range(45):
+        box.submit("b", "devices/b/t", b"b", 1)
+        box.submit("c", "devices/c/t", b"c", 1)
+    await run.settle()
+    for _ in range(60):  # QoS 0 from one connection: not bounded by a receive maximum, only by max_pending
+        box.submit("a", "devices/a/t", b"a", 1)
+    await run.settle()
+    held = {d: box.usage(d)[0] for d in "abc"}
+    assert box.depth == 100 == sum(held.values())
+    # drop-oldest levels the heaviest down: whoever lost records holds at most one less than anyone else
+    assert max(held.values()) - min(held.values()) <= 1, (held, box.dropped)
+    await run.close()
+
+
 async def test_byte_cap_drop_oldest_with_priorities(make, tmp_path: Path) -> None:
     size = 1000 + len("devices/a/t") + 1 + RECORD_OVERHEAD
     run = await make(max_bytes=40 * size)
@@ -206,6 +226,34 @@ async def test_disk_headroom_guard(make, tmp_path: Path) -> None:
         assert free_bytes(tmp_path) > min_free - 1_000_000, "the file ate the headroom"
     finally:
         del Outbox.free_bytes  # back to the class default
+        Outbox.free_bytes = staticmethod(__import__("edgegw.outbox.store", fromlist=["x"])._statvfs_free)
+
+
+@pytest.mark.parametrize("policy", ["reject-new", "drop-oldest"])
+async def test_disk_guard_lifts_once_the_disk_has_room_again_without_a_commit(make, policy: str) -> None:
+    """The disk was full when the outbox opened (or during a spike), so the byte limit fell to 0 and every record is
+    refused; with ``ttl = 0`` no TTL sweep commits, and a refused record commits nothing: the free space must still
+    be read again, or the gateway refuses every device for good after the disk got room back."""
+    disk = {"free": 0}
+    Outbox.free_bytes = staticmethod(lambda folder: disk["free"])  # type: ignore[assignment]
+    try:
+        run = await make(full_policy=policy, ttl=0, min_free_bytes=10_000_000)
+        box = run.outbox
+        assert box.byte_limit == 0
+        with pytest.raises(OutboxFull) as info:
+            box.submit("d", "devices/d/t", b"x", 1)
+        assert info.value.reason == "disk"
+        woken = asyncio.Event()
+        box.when_room(woken.set)  # a held MQTT 3.1.1 device waits for this
+        disk["free"] = 10**12  # an operator freed space: logs rotated
+        await asyncio.wait_for(woken.wait(), 5)
+        assert box.byte_limit == box._settings.max_bytes
+        committed: list[bool] = []
+        box.submit("d", "devices/d/t", b"x", 1, committed.append)
+        await run.settle()
+        assert committed == [True]
+    finally:
+        del Outbox.free_bytes
         Outbox.free_bytes = staticmethod(__import__("edgegw.outbox.store", fromlist=["x"])._statvfs_free)
 
 

@@ -11,9 +11,12 @@ from typing import Any
 import aiosqlite
 
 from edgegw.outbox._admission import Admission
-from edgegw.outbox._record import Record, decode_row
+from edgegw.outbox._record import MAX_PRIORITY, Record, decode_row
 
 _COLUMNS = "id, device_id, topic, payload, qos, received_at, properties, priority"
+_UNCLASSED = ("SELECT id, priority FROM records INDEXED BY records_by_device"  # covers both: the table is not read
+              f" WHERE NOT coalesce(priority BETWEEN 0 AND {MAX_PRIORITY} AND priority = CAST(priority AS INTEGER), 0)")
+"""Rows no backlog class (``priority = N``, N in 0..MAX_PRIORITY) matches: out of range, fractional, text, NULL."""
 
 
 class UplinkReads(Admission):
@@ -55,6 +58,18 @@ class UplinkReads(Admission):
             rows = await cur.fetchall()
         gone |= self._settled_ids()
         return self._decode_rows(rows, gone, limit)
+
+    async def quarantine_unclassed(self) -> int:
+        """At open: quarantine the rows whose priority is no class (a damaged file). The backlog is read class by
+        class (:meth:`fetch_backlog`), so such a row would be neither sent nor quarantined: stranded, counted
+        against its device. One scan of the device index (it holds both columns), not of the table."""
+        async with self._reader.execute(_UNCLASSED) as cur:
+            rows = list(await cur.fetchall())
+        for rid, priority in rows:
+            reason = f"cannot decode record: priority {priority!r} is not a class 0..{MAX_PRIORITY}"
+            self._log.error("outbox.record_undecodable", record_id=rid, error=reason)
+            self.quarantine(rid, reason)
+        return len(rows)
 
     def add_commit_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (synchronously, from the writer) after every commit that added records."""

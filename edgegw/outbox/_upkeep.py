@@ -172,9 +172,14 @@ class Upkeep:
             async with self._writer.execute(
                     "SELECT id FROM records WHERE device_id=? ORDER BY priority, id LIMIT ?",
                     (device, want + len(self._to_delete))) as cur:
-                ids = [r[0] for r in await cur.fetchall() if r[0] not in self._to_delete][:want]
+                on_disk = [r[0] for r in await cur.fetchall()]
+            ids = [rid for rid in on_disk if rid not in self._to_delete][:want]
             if not ids:
-                skip.add(device)  # everything it holds awaits commit: look at the next one
+                if on_disk or any(r.device_id == device for r, _, _ in self._pending):
+                    # The rest of what it holds awaits commit (evicted once written, if still over) or an
+                    # acknowledged delete: the excess is its own, never made up for with a neighbour's records.
+                    return
+                skip.add(device)  # nothing of it can be found by its id (a damaged row): look at the next one
                 continue
             await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(ids),), dropped)
 

@@ -33,6 +33,10 @@ _QUIET = 0.001
 """A group of records is committed before ``commit_window_ms`` is over once no record came for this long (and a
 loop turn): devices send what their in-flight window allows and then wait for acknowledgements that only this
 commit can give, so lingering on adds latency and no records (docs/BENCHMARKS.md "Device-facing hot path")."""
+_RETRY_AFTER_FAILURE = 0.5
+"""Seconds the writer waits after a failed group commit before the next one. A failure that lasts (a full disk, an
+I/O error) fails every retry at once: without a pause the writer would roll back and recount the whole table in a
+tight loop, and its deletes, retried with every group, would keep it from ever returning after stop()."""
 _TRACE_IDS_LOGGED = 20
 """At most this many trace ids of a failed group commit are logged (``outbox.commit_failed``)."""
 _INSERT = ("INSERT INTO records (id, device_id, topic, payload, qos, received_at, properties, priority, size)"
@@ -69,8 +73,9 @@ class GroupWriter(Admission, Upkeep):
         loop = asyncio.get_running_loop()
         window = self._settings.commit_window_ms / 1000
         while True:
-            if self._settings.ttl > 0 and not self._wake.is_set():
-                timeout = max(0.0, self._expire_due - time.monotonic())
+            due = self._upkeep_due()
+            if due is not None and not self._wake.is_set():
+                timeout = max(0.0, due - time.monotonic())
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
                 except TimeoutError:
@@ -88,7 +93,11 @@ class GroupWriter(Admission, Upkeep):
                 self._group_full = loop.create_future()
                 await self._linger(loop, limit, window)
                 self._group_full = None
-            await self._commit_group()
+            if not await self._commit_group():
+                if self._stopping:
+                    self._abandon_settlements()
+                else:
+                    await self._pause_after_failure(loop)
             if self._pending or self._to_delete or self._to_quarantine:
                 self._wake.set()
             elif self._stopping:
@@ -103,6 +112,37 @@ class GroupWriter(Admission, Upkeep):
                 except TimeoutError:
                     if await self._vacuum_step():
                         self._wake.set()
+
+    async def _pause_after_failure(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait _RETRY_AFTER_FAILURE (records submitted meanwhile wait with the retried deletes), or until stop()."""
+        deadline = loop.time() + _RETRY_AFTER_FAILURE
+        while not self._stopping and (remaining := deadline - loop.time()) > 0:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _abandon_settlements(self) -> None:
+        """Stopping and the commit failed: give up the deletes and quarantine moves it carried, so the writer can
+        return. The records stay in the file and are sent again after the restart (at-least-once, as after a
+        crash)."""
+        if self._to_delete or self._to_quarantine:
+            self._log.warning("outbox.deletes_abandoned", deletes=len(self._to_delete),
+                              quarantine=len(self._to_quarantine),
+                              action="the records stay in the outbox and are sent again after the restart")
+        self._to_delete = set()
+        self._to_quarantine = []
+
+    def _upkeep_due(self) -> float | None:
+        """When (monotonic) the idle writer must wake for upkeep by itself: the TTL sweep, and while the disk guard
+        lowers the byte limit, the next free-space reading. Without it a limit lowered by a full disk would stay
+        until some commit, and while every record is refused nothing commits (with ``ttl = 0``, for good)."""
+        due = self._expire_due if self._settings.ttl > 0 else None
+        if self._disk_limited:
+            check = self._disk_checked + _DISK_CHECK_EVERY
+            due = check if due is None else min(due, check)
+        return due
 
     async def _linger(self, loop: asyncio.AbstractEventLoop, limit: float, window: float) -> None:
         """Wait for more: until ``limit`` is over, the group is full, or (records) a quiet spell. Records that join
@@ -142,7 +182,8 @@ class GroupWriter(Admission, Upkeep):
         self._acks = {acker: entry for acker, entry in acks.items() if entry[0]}
         return taken
 
-    async def _commit_group(self) -> None:
+    async def _commit_group(self) -> bool:
+        """One group transaction and what follows it; False if its commit failed."""
         group = self._pending[: self._settings.commit_max_records]
         del self._pending[: len(group)]
         acks = self._take_acks(group)
@@ -153,8 +194,9 @@ class GroupWriter(Admission, Upkeep):
         self._to_quarantine = []
         now = time.monotonic()
         expire = self._settings.ttl > 0 and now >= self._expire_due
-        if not (group or deletes or quarantine or expire):
-            return
+        disk_due = self._disk_limited and now - self._disk_checked >= _DISK_CHECK_EVERY  # read free space again
+        if not (group or deletes or quarantine or expire or disk_due):
+            return True
         if expire:
             self._expire_due = now + _EXPIRE_EVERY
         ok = True
@@ -244,6 +286,7 @@ class GroupWriter(Admission, Upkeep):
                     cb()
                 except Exception:
                     self._log.exception("outbox.callback_failed", callback="when_room")
+        return ok
 
     async def _commit_slow(self, group: list[_Pending], deletes: set[int],
                            quarantine: list[tuple[int, str]], expire: bool, now: float, expired: dict[str, int],

@@ -123,6 +123,7 @@ class Outbox(UplinkReads, GroupWriter):
         opened = await open_database(path, settings.synchronous, settings.lock_timeout)
         outbox = cls(settings, opened)
         outbox._refresh_disk_limit(await outbox._freelist_bytes())
+        await outbox.quarantine_unclassed()
         outbox._log.info("outbox.opened", path=str(path), depth=outbox._count, bytes=outbox._bytes,
                          next_id=opened.next_id, synchronous=settings.synchronous, devices=len(outbox._usage),
                          byte_limit=outbox._byte_limit, full_policy=settings.full_policy)
