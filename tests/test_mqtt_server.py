@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from edgegw.mqtt.packets import Properties, PropertyId
 from edgegw.mqtt.server import MQTTServer
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
-from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Puback, Publish, Pubrec, ReasonCode
+from edgegw.mqtt.codec import FrameReader, encode_packet
+from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Pingreq, Puback, Publish, Pubrec, ReasonCode
 from mqtt_peers import V311, PahoDevice, RawClient, props, until
 
 
@@ -267,3 +269,54 @@ async def test_a_refusal_decided_at_once_waits_for_the_puback_of_an_earlier_publ
         first, second = await asyncio.to_thread(device_side)
         assert first == Puback(1)
         assert second == Puback(2, ReasonCode.NOT_AUTHORIZED)
+
+
+async def test_a_device_that_never_reads_cannot_grow_the_gateways_write_buffer(harness: Harness) -> None:
+    """Every PINGREQ (and PUBLISH, SUBSCRIBE, PUBREL) is answered; a device that writes them but never reads its
+    socket fills the kernel buffers, then our transport's. Past the transport's high-water mark the gateway must
+    stop reading that device (as it does for receive_maximum), not buffer its answers without bound."""
+    ctx = harness.fleet.device_context("dev-07")
+
+    def connect() -> RawClient:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+        raw.settimeout(5.0)
+        raw.connect(("127.0.0.1", harness.server.port))
+        c = RawClient.__new__(RawClient)
+        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
+        c.send(Connect(MQTT_311, "dev-07", True, 60))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices["dev-07"]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pings = encode_packet(Pingreq(), MQTT_311) * (1 << 19)  # 1 MiB of PINGREQs, 2 MiB... of PINGRESPs: 1 MiB
+
+    def flood() -> int:
+        c.sock.settimeout(3.0)
+        sent = 0
+        view = memoryview(pings)
+        try:
+            while sent < len(pings):
+                sent += c.sock.send(view[sent:sent + 16384])
+        except TimeoutError:
+            pass  # the gateway stopped reading us: what we want
+        return sent
+
+    sent = await asyncio.to_thread(flood)
+    await asyncio.sleep(0.5)
+    buffered = proto.transport.get_write_buffer_size()
+    assert buffered <= 256 * 1024, f"{buffered} bytes of answers buffered for a device that does not read"
+    # Nothing is lost: once the device reads, every PINGREQ it managed to send gets its PINGRESP.
+    c.sock.settimeout(5.0)
+    got = 0
+    while got < sent:
+        data = await asyncio.to_thread(c.sock.recv, 65536)
+        assert data
+        got += len(data)
+    assert got == sent
+    await asyncio.to_thread(c.send, Publish("devices/dev-07/t", b"x", 1, packet_id=1))
+    assert await asyncio.to_thread(c.read) == Puback(1)
+    c.close()

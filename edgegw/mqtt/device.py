@@ -74,6 +74,7 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         self._last_rx = self._accepted_at
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
+        self._write_blocked = False  # our write buffer is above its high-water mark (_flow.pause_writing)
         self._closed_logged = False
         self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
         self._admitted: PublishReceived | None = None  # a rate-limited publish being released (tokens taken)
@@ -143,9 +144,9 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         # MQTT-3.1.2-24: close if nothing arrived for one and a half keep-alive periods.
         limit = 1.5 * self.engine.keepalive
         idle = self._loop.time() - self._last_rx
-        if self._held is not None:
-            # We stopped reading (a publish held for room in the outbox): its silence says nothing. A device
-            # that gave up closes its socket, which is seen once reading resumes.
+        if self._held is not None or self._write_blocked:
+            # We stopped reading (a publish held for room in the outbox, or our answers not read): its silence
+            # says nothing. A device that gave up closes its socket, which is seen once reading resumes.
             self._last_rx = self._loop.time()
             self._timer = self._loop.call_later(limit, self._check_keepalive)
         elif idle >= limit:
