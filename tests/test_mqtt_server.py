@@ -54,14 +54,15 @@ async def published(info: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(fleet: Fleet, tmp_path: Path, **outbox_options: Any) -> AsyncIterator[Harness]:
+async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None,
+                  **outbox_options: Any) -> AsyncIterator[Harness]:
     tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
                       ca=fleet.ca)
     options = {"commit_window_ms": 1.0, **outbox_options}
     outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **options))
     writer = asyncio.create_task(outbox.run())
     settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp")
-    server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(ACLSettings()), outbox)
+    server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(acl or ACLSettings()), outbox)
     await server.start()
     try:
         yield Harness(server, outbox, fleet)
@@ -320,3 +321,29 @@ async def test_a_device_that_never_reads_cannot_grow_the_gateways_write_buffer(h
     await asyncio.to_thread(c.send, Publish("devices/dev-07/t", b"x", 1, packet_id=1))
     assert await asyncio.to_thread(c.read) == Puback(1)
     c.close()
+
+
+async def test_a_restart_with_a_narrower_acl_ends_the_restored_subscriptions_it_no_longer_allows(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """Routing trusts what SUBSCRIBE accepted. A persistent session's subscriptions come back from the session file
+    at start: those the configuration now running no longer allows must end there, as a reload ends them
+    (tests/test_mqtt_conformance.py::test_a_reload_that_narrows_acl_subscribe_...), or dev-05 keeps reading a space
+    it lost the right to."""
+    wide = ACLSettings(publish=("devices/{device_id}/#", "shared/#"), subscribe=("devices/{device_id}/#", "shared/#"))
+    async with running(fleet, tmp_path, acl=wide) as h:
+        sub = await h.device("dev-05", clean=False, session_expiry=600)
+        assert [c.value for c in await asyncio.to_thread(sub.subscribe, "shared/secret/#", 1)] == [1]
+        await asyncio.to_thread(sub.close)
+    narrowed = ACLSettings(publish=("devices/{device_id}/#", "shared/#"))  # subscribe: the default, own space only
+    async with running(fleet, tmp_path, acl=narrowed) as h:
+        assert h.server.broker.index.match("shared/secret/x") == []
+        sub = await h.device("dev-05", clean=False, session_expiry=600)
+        pub = await h.device("dev-06")
+        try:
+            assert sub.session_present  # the session itself is kept, with what is still allowed
+            await published(pub.client.publish("shared/secret/x", b"not for dev-05 any more", qos=1))
+            await asyncio.sleep(0.3)
+            assert sub.messages == []
+        finally:
+            await asyncio.to_thread(sub.close)
+            await asyncio.to_thread(pub.close)

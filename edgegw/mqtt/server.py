@@ -128,6 +128,11 @@ class MQTTServer:
         # per connection (256 KiB by default; BRIEF §2); the attribute is per class, so this bounds all of them.
         sslproto.SSLProtocol.max_size = self.settings.tls_read_buffer
         await self.session_db.open(legacy_snapshot=self.settings.session_store)
+        # Routing trusts what SUBSCRIBE accepted, under the ACL of its day: restored subscriptions the ACL running
+        # now refuses end here, as a reload ends them (edgegw/pipeline/reload.py). The lab's are under no ACL.
+        ended = self.broker.unsubscribe_disallowed(self._acl, keep=lambda key: key.startswith(LAB_PREFIX))
+        if ended:
+            log.info("mqtt.subscriptions_ended", count=ended, reason="no longer allowed by acl.subscribe")
         loop = asyncio.get_running_loop()
         self._server = await TLSListener.create(self.settings.bind, self.settings.port, self._on_accept,
                                                 backlog=1024)
