@@ -23,7 +23,8 @@ from edgegw.mqtt.server import MQTTServer
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 from edgegw.mqtt.codec import FrameReader, encode_packet
-from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Pingreq, Puback, Publish, Pubrec, ReasonCode
+from edgegw.mqtt.packets import (MQTT_5, MQTT_311, Connack, Connect, Pingreq, Puback, Publish, Pubrec, ReasonCode, Suback,
+                                 Subscribe, SubscriptionOptions)
 from mqtt_peers import V311, PahoDevice, RawClient, props, until
 
 
@@ -347,3 +348,41 @@ async def test_a_restart_with_a_narrower_acl_ends_the_restored_subscriptions_it_
         finally:
             await asyncio.to_thread(sub.close)
             await asyncio.to_thread(pub.close)
+
+
+async def test_a_message_in_flight_too_large_for_the_resumed_connection_frees_its_slot(harness: Harness) -> None:
+    """MQTT-3.1.2-25: nothing larger than the device's Maximum Packet Size is sent to it; such a message is dropped
+    as if delivered. One already in flight when the device comes back with a smaller maximum must be dropped too,
+    not kept in the window for ever: with Receive Maximum 1 the device would get nothing again."""
+
+    def device_side() -> list[object]:
+        ctx = harness.fleet.device_context("dev-03")
+        expiry = Properties(values={PropertyId.SESSION_EXPIRY_INTERVAL: 600})
+        a = RawClient(ctx, harness.server.port, MQTT_5)
+        a.send(Connect(MQTT_5, "dev-03", True, 30, properties=expiry))
+        assert isinstance(a.read(), Connack)
+        a.send(Subscribe(1, (("devices/dev-03/in/#", SubscriptionOptions(1)),)))
+        assert isinstance(a.read(), Suback)
+        a.send(Publish("devices/dev-03/in/big", b"x" * 2000, 1, packet_id=1))
+        got = [a.read(), a.read()]  # its PUBACK and its copy (to this own subscription), in either order
+        assert any(isinstance(p, Publish) and len(p.payload) == 2000 for p in got)
+        a.close()  # gone without acknowledging the copy: it stays in flight in the session
+        small = Properties(values={PropertyId.SESSION_EXPIRY_INTERVAL: 600, PropertyId.MAXIMUM_PACKET_SIZE: 1000,
+                                   PropertyId.RECEIVE_MAXIMUM: 1})
+        b = RawClient(ctx, harness.server.port, MQTT_5)
+        b.send(Connect(MQTT_5, "dev-03", False, 30, properties=small))
+        connack = b.read()
+        b.send(Publish("devices/dev-03/in/small", b"y", 1, packet_id=2))
+        got = [connack, b.read()]
+        try:
+            got.append(b.read(timeout=2.0))
+        except TimeoutError:
+            got.append("nothing")
+        b.close()
+        return got
+
+    connack, first, second = await asyncio.to_thread(device_side)
+    assert isinstance(connack, Connack) and connack.session_present
+    got = [first, second]
+    assert Puback(2) in got
+    assert any(isinstance(p, Publish) and p.payload == b"y" for p in got), got
