@@ -386,3 +386,28 @@ async def test_a_message_in_flight_too_large_for_the_resumed_connection_frees_it
     got = [first, second]
     assert Puback(2) in got
     assert any(isinstance(p, Publish) and p.payload == b"y" for p in got), got
+
+
+async def test_a_will_is_not_published_where_the_acl_running_when_it_fires_refuses(fleet: Fleet,
+                                                                                  tmp_path: Path) -> None:
+    """A will is a publish like any other: checked at CONNECT, and again when it fires (after a delay, across a
+    restart or a reload), under the ACL running then. Otherwise a device keeps one message's way into a space the
+    operator has since taken from it."""
+    wide = ACLSettings(publish=("devices/{device_id}/#", "shared/#"), subscribe=("devices/{device_id}/#", "shared/#"))
+    async with running(fleet, tmp_path, acl=wide) as h:
+        dev = await h.device("dev-04", clean=False, session_expiry=600, will=("shared/status", b"offline", 1, False),
+                             will_props=props(PacketTypes.WILLMESSAGE, WillDelayInterval=1))
+        dev.drop()  # lost link: the delayed will waits in the session, saved at the clean stop below
+        await until(lambda: h.server.broker.pending_will("dev-04") is not None, 5, "the delayed will")
+        await asyncio.to_thread(dev.client.loop_stop)
+    narrowed = ACLSettings(subscribe=("devices/{device_id}/#", "shared/#"))  # publish: the default, own space only
+    async with running(fleet, tmp_path, acl=narrowed) as h:
+        watcher = await h.device("dev-05")
+        try:
+            assert [c.value for c in await asyncio.to_thread(watcher.subscribe, "shared/#", 1)] == [1]
+            await until(lambda: h.server.broker.pending_will("dev-04") is None, 5, "the will's delay")
+            await asyncio.sleep(0.2)
+            assert await h.outbox.fetch_after(0, 10) == []
+            assert watcher.messages == []
+        finally:
+            await asyncio.to_thread(watcher.close)
