@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -411,3 +412,33 @@ async def test_a_will_is_not_published_where_the_acl_running_when_it_fires_refus
             assert watcher.messages == []
         finally:
             await asyncio.to_thread(watcher.close)
+
+
+async def test_expired_retained_messages_leave_the_session_file(harness: Harness, tmp_path: Path) -> None:
+    """Retained messages are bounded in memory (count, bytes), and an expired one is forgotten when a subscription
+    looks it up. It must leave the session file then too: otherwise a device that publishes retained messages with
+    a short Message Expiry on ever new topics, and subscribes to them, grows the file (read whole at every start)
+    without bound."""
+    dev = await harness.device("dev-02")
+    try:
+        short = props(MessageExpiryInterval=1)
+        for i in range(20):
+            await published(dev.client.publish(f"devices/dev-02/r/{i}", b"v", qos=1, retain=True, properties=short))
+        await until(lambda: len(stored_retained(tmp_path)) == 20, 5, "the retained messages on disk")
+        await asyncio.sleep(1.2)
+        assert [c.value for c in await asyncio.to_thread(dev.subscribe, "devices/dev-02/r/#", 1)] == [1]
+        assert len(harness.server.broker.retained) == 0  # expired: forgotten in memory, none delivered
+        await asyncio.sleep(0.3)  # a few batch windows of the session journal
+        assert dev.messages == []
+        assert stored_retained(tmp_path) == []
+    finally:
+        await asyncio.to_thread(dev.close)
+
+
+def stored_retained(tmp_path: Path) -> list[tuple[object, ...]]:
+    """The retained table of the session file, read by a second connection (WAL: what is committed)."""
+    db = sqlite3.connect(tmp_path / "sessions.db", timeout=5)
+    try:
+        return db.execute("SELECT topic FROM retained").fetchall()
+    finally:
+        db.close()

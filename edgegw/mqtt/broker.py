@@ -286,7 +286,7 @@ class LocalBroker:
             # MQTT 5 §3.3.1.3 retain handling: 0 always, 1 only for a new subscription, 2 never; none for shared.
             if group is None and (opts.retain_handling == 0 or (opts.retain_handling == 1 and new)):
                 now = self.now()
-                for m in self.retained.matching(flt, now):
+                for m in self.retained.matching(flt, now, self.journal.retained_changed):
                     # MQTT-3.3.1-9: retained messages sent for a new subscription keep RETAIN set.
                     retained.append(Outgoing(m, min(m.qos, opts.qos), (sub_id,) if sub_id else (), retain=True))
         if session.durable:

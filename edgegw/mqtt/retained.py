@@ -6,6 +6,8 @@ dropping an older device's retained message to make room would let one device er
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from edgegw.mqtt.session import Message
 from edgegw.mqtt.subscriptions import filter_matches
 
@@ -38,8 +40,10 @@ class RetainedStore:
         self.bytes += message.size
         return True
 
-    def matching(self, topic_filter: str, now: float) -> list[Message]:
-        """Retained messages whose topic matches ``topic_filter`` and that have not expired."""
+    def matching(self, topic_filter: str, now: float,
+                 on_expired: Callable[[str], None] | None = None) -> list[Message]:
+        """Retained messages whose topic matches ``topic_filter`` and that have not expired. Expired ones found on
+        the way are forgotten, and their topics told to ``on_expired`` (the journal: they leave the file too)."""
         if "+" not in topic_filter and "#" not in topic_filter:
             m = self._messages.get(topic_filter)
             found = [m] if m is not None else []
@@ -49,4 +53,6 @@ class RetainedStore:
         for m in expired:
             self._messages.pop(m.topic, None)
             self.bytes -= m.size
+            if on_expired is not None:
+                on_expired(m.topic)
         return [m for m in found if m.expires_at is None or m.expires_at > now]
