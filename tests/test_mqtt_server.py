@@ -24,6 +24,7 @@ from edgegw.mqtt.server import MQTTServer
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
 from edgegw.mqtt.codec import FrameReader, encode_packet
+from edgegw.mqtt.connection import ConnectionState
 from edgegw.mqtt.packets import (MQTT_5, MQTT_311, Connack, Connect, Pingreq, Puback, Publish, Pubrec, ReasonCode, Suback,
                                  Subscribe, SubscriptionOptions)
 from mqtt_peers import V311, PahoDevice, RawClient, props, until
@@ -442,3 +443,39 @@ def stored_retained(tmp_path: Path) -> list[tuple[object, ...]]:
         return db.execute("SELECT topic FROM retained").fetchall()
     finally:
         db.close()
+
+
+async def test_a_device_that_stops_reading_altogether_is_closed_at_its_keepalive(harness: Harness) -> None:
+    """The other side of the test above: reading paused for a device that takes none of our answers is no reason
+    to keep it for ever (its TCP stack may acknowledge a zero window for as long as it likes): with no progress
+    for 1.5 keep-alive periods it is closed, as a silent device is."""
+
+    def connect() -> RawClient:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(5.0)
+        raw.connect(("127.0.0.1", harness.server.port))
+        c = RawClient.__new__(RawClient)
+        ctx = harness.fleet.device_context("dev-08")
+        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
+        c.send(Connect(MQTT_311, "dev-08", True, 1))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices["dev-08"]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pings = encode_packet(Pingreq(), MQTT_311) * (1 << 18)
+
+    def flood() -> None:
+        c.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError, OSError):
+            c.sock.sendall(pings)
+
+    await asyncio.to_thread(flood)
+    # Closed: the session is handed back at once; the transport then gives the unread output CLOSE_TIMEOUT.
+    await until(lambda: proto.engine.state is ConnectionState.CLOSED, 6, "the keep-alive close")
+    assert proto.engine.close_reason is not None
+    assert proto.engine.close_reason.reason_code is ReasonCode.KEEP_ALIVE_TIMEOUT
+    c.close()

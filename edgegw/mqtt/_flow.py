@@ -44,6 +44,7 @@ class FlowControl:
     _loop: asyncio.AbstractEventLoop
     _paused: bool
     _write_blocked: bool
+    _blocked_output: int
     _held: _Held | None
     _admitted: PublishReceived | None
 
@@ -185,6 +186,7 @@ class FlowControl:
         packet it sends may add an answer (PUBACK, PINGRESP, SUBACK, ...), so it is not read either until the
         buffer drains; otherwise a device that writes and never reads would grow our memory without bound."""
         self._write_blocked = True
+        self._blocked_output = self.transport.get_write_buffer_size() if self.transport is not None else 0
         self.pause(reason="write_buffer_full")
 
     def resume_writing(self) -> None:
