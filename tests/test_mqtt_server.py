@@ -12,22 +12,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-
 from conftest import Fleet
+from mqtt_peers import V311, PahoDevice, RawClient, props, until
+from paho.mqtt.packettypes import PacketTypes
+from test_tracing import TRACEPARENT
+
 from edgegw.config import ACLSettings, MQTTSettings, OutboxSettings, TLSSettings
 from edgegw.identity import server_ssl_context
-from edgegw.mqtt.forward import decode_record_properties
-from test_tracing import TRACEPARENT
-from edgegw.mqtt.packets import Properties, PropertyId
-from edgegw.mqtt.server import MQTTServer
-from edgegw.outbox.store import Outbox
-from edgegw.policy.acl import ACL
 from edgegw.mqtt.codec import FrameReader, encode_packet
 from edgegw.mqtt.connection import ConnectionState
-from edgegw.mqtt.packets import (MQTT_5, MQTT_311, Connack, Connect, Pingreq, Puback, Publish, Pubrec, ReasonCode, Suback,
-                                 Subscribe, SubscriptionOptions)
-from mqtt_peers import V311, PahoDevice, RawClient, props, until
+from edgegw.mqtt.forward import decode_record_properties
+from edgegw.mqtt.packets import (
+    MQTT_5,
+    MQTT_311,
+    Connack,
+    Connect,
+    Pingreq,
+    Properties,
+    PropertyId,
+    Puback,
+    Publish,
+    Pubrec,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    SubscriptionOptions,
+)
+from edgegw.mqtt.server import MQTTServer
+from edgegw.mqtt.session import Message
+from edgegw.outbox.store import Outbox
+from edgegw.policy.acl import ACL
 
 
 class Harness:
@@ -479,3 +493,39 @@ async def test_a_device_that_stops_reading_altogether_is_closed_at_its_keepalive
     assert proto.engine.close_reason is not None
     assert proto.engine.close_reason.reason_code is ReasonCode.KEEP_ALIVE_TIMEOUT
     c.close()
+
+
+async def test_a_wildcard_subscribe_costs_what_it_matches_not_the_whole_retained_store(harness: Harness) -> None:
+    """Retained messages are looked up for every filter of a SUBSCRIBE (retain handling 0: every time, and a
+    filter may repeat in one packet). The lookup must cost what the filter can match, not a scan of every retained
+    message of the fleet: one SUBSCRIBE of a few KB repeating ``devices/dev-01/#`` would otherwise hold the event
+    loop, and every other device, for seconds."""
+    for i in range(5000):  # the fleet's retained state (e.g. one status per device)
+        harness.server.broker.route(Message(f"devices/fleet-{i:05d}/status", b"online", 1, retain=True))
+    harness.server.broker.route(Message("devices/dev-01/status", b"mine", 1, retain=True))
+    stalls: list[float] = []
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            stalls.append(loop.time() - before)
+
+    def device_side() -> list[object]:
+        c = RawClient(harness.fleet.device_context("dev-01"), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, "dev-01", True, 30))
+        assert isinstance(c.read(), Connack)
+        c.send(Subscribe(1, (("devices/dev-01/#", SubscriptionOptions(0)),) * 300))
+        got = [c.read(timeout=30.0), c.read(timeout=30.0)]
+        c.close()
+        return got
+
+    tick = asyncio.create_task(ticker())
+    try:
+        suback, first = await asyncio.to_thread(device_side)
+    finally:
+        tick.cancel()
+    assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
+    assert isinstance(first, Publish) and first.payload == b"mine" and first.retain
+    assert max(stalls) < 0.25, f"the event loop stalled {max(stalls):.2f} s on one SUBSCRIBE"
