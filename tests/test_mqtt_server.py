@@ -529,3 +529,31 @@ async def test_a_wildcard_subscribe_costs_what_it_matches_not_the_whole_retained
     assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
     assert isinstance(first, Publish) and first.payload == b"mine" and first.retain
     assert max(stalls) < 0.25, f"the event loop stalled {max(stalls):.2f} s on one SUBSCRIBE"
+
+
+async def test_a_filter_repeated_in_one_subscribe_sends_its_retained_messages_once(harness: Harness) -> None:
+    """A SUBSCRIBE is answered by one SUBACK, then the retained messages of its filters. A filter repeated in the
+    packet would send every matching retained message once per repeat, back to back: a device with 300 retained
+    messages of its own made 90,000 PUBLISHes (and the loop stall, the memory) with one 6 KB packet; a 256 KB one
+    against 10,000 retained messages would not fit in memory. Each retained message goes once per packet."""
+    for i in range(300):
+        harness.server.broker.route(Message(f"devices/dev-03/r/{i}", b"v", 0, retain=True))
+
+    def device_side() -> tuple[object, int]:
+        c = RawClient(harness.fleet.device_context("dev-03"), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, "dev-03", True, 30))
+        assert isinstance(c.read(), Connack)
+        c.send(Subscribe(1, (("devices/dev-03/#", SubscriptionOptions(0)),) * 300))
+        suback = c.read(timeout=30.0)
+        n = 0
+        try:
+            while isinstance(c.read(timeout=1.0), Publish):
+                n += 1
+        except TimeoutError:
+            pass
+        c.close()
+        return suback, n
+
+    suback, publishes = await asyncio.to_thread(device_side)
+    assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
+    assert publishes == 300
