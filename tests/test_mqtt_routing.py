@@ -328,3 +328,26 @@ async def test_a_late_end_of_a_taken_over_connection_leaves_the_resumed_session_
     assert [(k, m.topic) for k, m in published] == [("dev-01", "t/new")]
     assert "dev-01" not in broker.sessions
     broker.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(levels, min_size=1, max_size=4).map("/".join).filter(bool), min_size=1, max_size=8),
+       st.lists(st.sampled_from(["a", "b", "+", "", "$x"]), min_size=1, max_size=4).map("/".join)
+       .flatmap(lambda f: st.sampled_from([f, f + "/#", "#"])),
+       st.lists(st.integers(0, 7), max_size=4))
+def test_retained_lookup_agrees_with_plain_matching(topics: list[str], flt: str, deleted: list[int]) -> None:
+    """The retained store walks a tree of topic levels for a wildcard filter (a scan of every retained message per
+    SUBSCRIBE filter let one device hold the event loop); it must find exactly what filter_matches says, in the
+    order the messages were stored, also after deletes."""
+    store = RetainedStore(100, 1 << 20)
+    for i, topic in enumerate(topics):
+        store.put(Message(topic, str(i).encode(), 0, True))
+    for i in deleted:
+        if i < len(topics):
+            store.put(Message(topics[i], b"", 0, True))
+    live = {m.topic: m for m in (store._messages.values())}
+    want = [m.payload for topic, m in live.items() if filter_matches(flt, topic)]
+    assert [m.payload for m in store.matching(flt, 0.0)] == want
+    for topic in list(live):  # and every branch is pruned once empty
+        store.put(Message(topic, b"", 0, True))
+    assert store._root.children == {}

@@ -5,24 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-
 from conftest import Fleet
+from mqtt_peers import V311, PahoDevice, RawClient, props, until
+from paho.mqtt.packettypes import PacketTypes
+from test_tracing import TRACEPARENT
+
 from edgegw.config import ACLSettings, MQTTSettings, OutboxSettings, TLSSettings
 from edgegw.identity import server_ssl_context
+from edgegw.mqtt.codec import FrameReader, encode_packet
+from edgegw.mqtt.connection import ConnectionState
 from edgegw.mqtt.forward import decode_record_properties
-from test_tracing import TRACEPARENT
-from edgegw.mqtt.packets import Properties, PropertyId
+from edgegw.mqtt.packets import (
+    MQTT_5,
+    MQTT_311,
+    Connack,
+    Connect,
+    Pingreq,
+    Properties,
+    PropertyId,
+    Puback,
+    Publish,
+    Pubrec,
+    ReasonCode,
+    Suback,
+    Subscribe,
+    SubscriptionOptions,
+)
 from edgegw.mqtt.server import MQTTServer
+from edgegw.mqtt.session import Message
 from edgegw.outbox.store import Outbox
 from edgegw.policy.acl import ACL
-from edgegw.mqtt.packets import MQTT_5, MQTT_311, Connack, Connect, Puback, Publish, Pubrec, ReasonCode
-from mqtt_peers import V311, PahoDevice, RawClient, props, until
 
 
 class Harness:
@@ -52,14 +71,15 @@ async def published(info: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(fleet: Fleet, tmp_path: Path, **outbox_options: Any) -> AsyncIterator[Harness]:
+async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None,
+                  **outbox_options: Any) -> AsyncIterator[Harness]:
     tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
                       ca=fleet.ca)
     options = {"commit_window_ms": 1.0, **outbox_options}
     outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **options))
     writer = asyncio.create_task(outbox.run())
     settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp")
-    server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(ACLSettings()), outbox)
+    server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(acl or ACLSettings()), outbox)
     await server.start()
     try:
         yield Harness(server, outbox, fleet)
@@ -267,3 +287,273 @@ async def test_a_refusal_decided_at_once_waits_for_the_puback_of_an_earlier_publ
         first, second = await asyncio.to_thread(device_side)
         assert first == Puback(1)
         assert second == Puback(2, ReasonCode.NOT_AUTHORIZED)
+
+
+async def test_a_device_that_never_reads_cannot_grow_the_gateways_write_buffer(harness: Harness) -> None:
+    """Every PINGREQ (and PUBLISH, SUBSCRIBE, PUBREL) is answered; a device that writes them but never reads its
+    socket fills the kernel buffers, then our transport's. Past the transport's high-water mark the gateway must
+    stop reading that device (as it does for receive_maximum), not buffer its answers without bound."""
+    ctx = harness.fleet.device_context("dev-07")
+
+    def connect() -> RawClient:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+        raw.settimeout(5.0)
+        raw.connect(("127.0.0.1", harness.server.port))
+        c = RawClient.__new__(RawClient)
+        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
+        c.send(Connect(MQTT_311, "dev-07", True, 60))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices["dev-07"]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pings = encode_packet(Pingreq(), MQTT_311) * (1 << 19)  # 1 MiB of PINGREQs, 2 MiB... of PINGRESPs: 1 MiB
+
+    def flood() -> int:
+        c.sock.settimeout(3.0)
+        sent = 0
+        view = memoryview(pings)
+        try:
+            while sent < len(pings):
+                sent += c.sock.send(view[sent:sent + 16384])
+        except TimeoutError:
+            pass  # the gateway stopped reading us: what we want
+        return sent
+
+    sent = await asyncio.to_thread(flood)
+    await asyncio.sleep(0.5)
+    buffered = proto.transport.get_write_buffer_size()
+    assert buffered <= 256 * 1024, f"{buffered} bytes of answers buffered for a device that does not read"
+    # Nothing is lost: once the device reads, every PINGREQ it managed to send gets its PINGRESP.
+    c.sock.settimeout(5.0)
+    got = 0
+    while got < sent:
+        data = await asyncio.to_thread(c.sock.recv, 65536)
+        assert data
+        got += len(data)
+    assert got == sent
+    await asyncio.to_thread(c.send, Publish("devices/dev-07/t", b"x", 1, packet_id=1))
+    assert await asyncio.to_thread(c.read) == Puback(1)
+    c.close()
+
+
+async def test_a_restart_with_a_narrower_acl_ends_the_restored_subscriptions_it_no_longer_allows(
+        fleet: Fleet, tmp_path: Path) -> None:
+    """Routing trusts what SUBSCRIBE accepted. A persistent session's subscriptions come back from the session file
+    at start: those the configuration now running no longer allows must end there, as a reload ends them
+    (tests/test_mqtt_conformance.py::test_a_reload_that_narrows_acl_subscribe_...), or dev-05 keeps reading a space
+    it lost the right to."""
+    wide = ACLSettings(publish=("devices/{device_id}/#", "shared/#"), subscribe=("devices/{device_id}/#", "shared/#"))
+    async with running(fleet, tmp_path, acl=wide) as h:
+        sub = await h.device("dev-05", clean=False, session_expiry=600)
+        assert [c.value for c in await asyncio.to_thread(sub.subscribe, "shared/secret/#", 1)] == [1]
+        await asyncio.to_thread(sub.close)
+    narrowed = ACLSettings(publish=("devices/{device_id}/#", "shared/#"))  # subscribe: the default, own space only
+    async with running(fleet, tmp_path, acl=narrowed) as h:
+        assert h.server.broker.index.match("shared/secret/x") == []
+        sub = await h.device("dev-05", clean=False, session_expiry=600)
+        pub = await h.device("dev-06")
+        try:
+            assert sub.session_present  # the session itself is kept, with what is still allowed
+            await published(pub.client.publish("shared/secret/x", b"not for dev-05 any more", qos=1))
+            await asyncio.sleep(0.3)
+            assert sub.messages == []
+        finally:
+            await asyncio.to_thread(sub.close)
+            await asyncio.to_thread(pub.close)
+
+
+async def test_a_message_in_flight_too_large_for_the_resumed_connection_frees_its_slot(harness: Harness) -> None:
+    """MQTT-3.1.2-25: nothing larger than the device's Maximum Packet Size is sent to it; such a message is dropped
+    as if delivered. One already in flight when the device comes back with a smaller maximum must be dropped too,
+    not kept in the window for ever: with Receive Maximum 1 the device would get nothing again."""
+
+    def device_side() -> list[object]:
+        ctx = harness.fleet.device_context("dev-03")
+        expiry = Properties(values={PropertyId.SESSION_EXPIRY_INTERVAL: 600})
+        a = RawClient(ctx, harness.server.port, MQTT_5)
+        a.send(Connect(MQTT_5, "dev-03", True, 30, properties=expiry))
+        assert isinstance(a.read(), Connack)
+        a.send(Subscribe(1, (("devices/dev-03/in/#", SubscriptionOptions(1)),)))
+        assert isinstance(a.read(), Suback)
+        a.send(Publish("devices/dev-03/in/big", b"x" * 2000, 1, packet_id=1))
+        got = [a.read(), a.read()]  # its PUBACK and its copy (to this own subscription), in either order
+        assert any(isinstance(p, Publish) and len(p.payload) == 2000 for p in got)
+        a.close()  # gone without acknowledging the copy: it stays in flight in the session
+        small = Properties(values={PropertyId.SESSION_EXPIRY_INTERVAL: 600, PropertyId.MAXIMUM_PACKET_SIZE: 1000,
+                                   PropertyId.RECEIVE_MAXIMUM: 1})
+        b = RawClient(ctx, harness.server.port, MQTT_5)
+        b.send(Connect(MQTT_5, "dev-03", False, 30, properties=small))
+        connack = b.read()
+        b.send(Publish("devices/dev-03/in/small", b"y", 1, packet_id=2))
+        got = [connack, b.read()]
+        try:
+            got.append(b.read(timeout=2.0))
+        except TimeoutError:
+            got.append("nothing")
+        b.close()
+        return got
+
+    connack, first, second = await asyncio.to_thread(device_side)
+    assert isinstance(connack, Connack) and connack.session_present
+    got = [first, second]
+    assert Puback(2) in got
+    assert any(isinstance(p, Publish) and p.payload == b"y" for p in got), got
+
+
+async def test_a_will_is_not_published_where_the_acl_running_when_it_fires_refuses(fleet: Fleet,
+                                                                                  tmp_path: Path) -> None:
+    """A will is a publish like any other: checked at CONNECT, and again when it fires (after a delay, across a
+    restart or a reload), under the ACL running then. Otherwise a device keeps one message's way into a space the
+    operator has since taken from it."""
+    wide = ACLSettings(publish=("devices/{device_id}/#", "shared/#"), subscribe=("devices/{device_id}/#", "shared/#"))
+    async with running(fleet, tmp_path, acl=wide) as h:
+        dev = await h.device("dev-04", clean=False, session_expiry=600, will=("shared/status", b"offline", 1, False),
+                             will_props=props(PacketTypes.WILLMESSAGE, WillDelayInterval=1))
+        dev.drop()  # lost link: the delayed will waits in the session, saved at the clean stop below
+        await until(lambda: h.server.broker.pending_will("dev-04") is not None, 5, "the delayed will")
+        await asyncio.to_thread(dev.client.loop_stop)
+    narrowed = ACLSettings(subscribe=("devices/{device_id}/#", "shared/#"))  # publish: the default, own space only
+    async with running(fleet, tmp_path, acl=narrowed) as h:
+        watcher = await h.device("dev-05")
+        try:
+            assert [c.value for c in await asyncio.to_thread(watcher.subscribe, "shared/#", 1)] == [1]
+            await until(lambda: h.server.broker.pending_will("dev-04") is None, 5, "the will's delay")
+            await asyncio.sleep(0.2)
+            assert await h.outbox.fetch_after(0, 10) == []
+            assert watcher.messages == []
+        finally:
+            await asyncio.to_thread(watcher.close)
+
+
+async def test_expired_retained_messages_leave_the_session_file(harness: Harness, tmp_path: Path) -> None:
+    """Retained messages are bounded in memory (count, bytes), and an expired one is forgotten when a subscription
+    looks it up. It must leave the session file then too: otherwise a device that publishes retained messages with
+    a short Message Expiry on ever new topics, and subscribes to them, grows the file (read whole at every start)
+    without bound."""
+    dev = await harness.device("dev-02")
+    try:
+        short = props(MessageExpiryInterval=1)
+        for i in range(20):
+            await published(dev.client.publish(f"devices/dev-02/r/{i}", b"v", qos=1, retain=True, properties=short))
+        await until(lambda: len(stored_retained(tmp_path)) == 20, 5, "the retained messages on disk")
+        await asyncio.sleep(1.2)
+        assert [c.value for c in await asyncio.to_thread(dev.subscribe, "devices/dev-02/r/#", 1)] == [1]
+        assert len(harness.server.broker.retained) == 0  # expired: forgotten in memory, none delivered
+        await asyncio.sleep(0.3)  # a few batch windows of the session journal
+        assert dev.messages == []
+        assert stored_retained(tmp_path) == []
+    finally:
+        await asyncio.to_thread(dev.close)
+
+
+def stored_retained(tmp_path: Path) -> list[tuple[object, ...]]:
+    """The retained table of the session file, read by a second connection (WAL: what is committed)."""
+    db = sqlite3.connect(tmp_path / "sessions.db", timeout=5)
+    try:
+        return db.execute("SELECT topic FROM retained").fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_device_that_stops_reading_altogether_is_closed_at_its_keepalive(harness: Harness) -> None:
+    """The other side of the test above: reading paused for a device that takes none of our answers is no reason
+    to keep it for ever (its TCP stack may acknowledge a zero window for as long as it likes): with no progress
+    for 1.5 keep-alive periods it is closed, as a silent device is."""
+
+    def connect() -> RawClient:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(5.0)
+        raw.connect(("127.0.0.1", harness.server.port))
+        c = RawClient.__new__(RawClient)
+        ctx = harness.fleet.device_context("dev-08")
+        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
+        c.send(Connect(MQTT_311, "dev-08", True, 1))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices["dev-08"]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    pings = encode_packet(Pingreq(), MQTT_311) * (1 << 18)
+
+    def flood() -> None:
+        c.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError, OSError):
+            c.sock.sendall(pings)
+
+    await asyncio.to_thread(flood)
+    # Closed: the session is handed back at once; the transport then gives the unread output CLOSE_TIMEOUT.
+    await until(lambda: proto.engine.state is ConnectionState.CLOSED, 6, "the keep-alive close")
+    assert proto.engine.close_reason is not None
+    assert proto.engine.close_reason.reason_code is ReasonCode.KEEP_ALIVE_TIMEOUT
+    c.close()
+
+
+async def test_a_wildcard_subscribe_costs_what_it_matches_not_the_whole_retained_store(harness: Harness) -> None:
+    """Retained messages are looked up for every filter of a SUBSCRIBE (retain handling 0: every time, and a
+    filter may repeat in one packet). The lookup must cost what the filter can match, not a scan of every retained
+    message of the fleet: one SUBSCRIBE of a few KB repeating ``devices/dev-01/#`` would otherwise hold the event
+    loop, and every other device, for seconds."""
+    for i in range(5000):  # the fleet's retained state (e.g. one status per device)
+        harness.server.broker.route(Message(f"devices/fleet-{i:05d}/status", b"online", 1, retain=True))
+    harness.server.broker.route(Message("devices/dev-01/status", b"mine", 1, retain=True))
+    stalls: list[float] = []
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            stalls.append(loop.time() - before)
+
+    def device_side() -> list[object]:
+        c = RawClient(harness.fleet.device_context("dev-01"), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, "dev-01", True, 30))
+        assert isinstance(c.read(), Connack)
+        c.send(Subscribe(1, (("devices/dev-01/#", SubscriptionOptions(0)),) * 300))
+        got = [c.read(timeout=30.0), c.read(timeout=30.0)]
+        c.close()
+        return got
+
+    tick = asyncio.create_task(ticker())
+    try:
+        suback, first = await asyncio.to_thread(device_side)
+    finally:
+        tick.cancel()
+    assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
+    assert isinstance(first, Publish) and first.payload == b"mine" and first.retain
+    assert max(stalls) < 0.25, f"the event loop stalled {max(stalls):.2f} s on one SUBSCRIBE"
+
+
+async def test_a_filter_repeated_in_one_subscribe_sends_its_retained_messages_once(harness: Harness) -> None:
+    """A SUBSCRIBE is answered by one SUBACK, then the retained messages of its filters. A filter repeated in the
+    packet would send every matching retained message once per repeat, back to back: a device with 300 retained
+    messages of its own made 90,000 PUBLISHes (and the loop stall, the memory) with one 6 KB packet; a 256 KB one
+    against 10,000 retained messages would not fit in memory. Each retained message goes once per packet."""
+    for i in range(300):
+        harness.server.broker.route(Message(f"devices/dev-03/r/{i}", b"v", 0, retain=True))
+
+    def device_side() -> tuple[object, int]:
+        c = RawClient(harness.fleet.device_context("dev-03"), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, "dev-03", True, 30))
+        assert isinstance(c.read(), Connack)
+        c.send(Subscribe(1, (("devices/dev-03/#", SubscriptionOptions(0)),) * 300))
+        suback = c.read(timeout=30.0)
+        n = 0
+        try:
+            while isinstance(c.read(timeout=1.0), Publish):
+                n += 1
+        except TimeoutError:
+            pass
+        c.close()
+        return suback, n
+
+    suback, publishes = await asyncio.to_thread(device_side)
+    assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
+    assert publishes == 300

@@ -109,6 +109,27 @@ async def test_acknowledged_and_ended_sessions_leave_the_file(tmp_path: Path) ->
     await db.close()
 
 
+async def test_a_retained_message_that_expired_while_stored_leaves_the_file_at_start(tmp_path: Path) -> None:
+    """The start-up half of tests/test_mqtt_server.py::test_expired_retained_messages_leave_the_session_file: one
+    that expired while the gateway was down is skipped at restore, and deleted, not read again at every start."""
+    path = tmp_path / "s.db"
+    settings = MQTTSettings(session_store=tmp_path / "s.msgpack")
+    broker = LocalBroker(settings, lambda k, m: None)
+    db = SessionDB(path, broker)
+    await db.open()
+    broker.route(Message("state/short", b"on", 1, retain=True, expires_at=broker.now() + 0.2))
+    broker.route(Message("state/long", b"on", 1, retain=True))
+    await flushed(db)
+    await db.close()
+    await asyncio.sleep(0.3)
+    again = LocalBroker(settings, lambda k, m: None)
+    db = SessionDB(path, again)
+    await db.open()
+    await flushed(db)
+    assert rows(path, "SELECT topic FROM retained") == [("state/long",)]
+    await db.close()
+
+
 async def test_unreadable_file_is_moved_aside(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     path.write_bytes(b"not a database at all" * 100)

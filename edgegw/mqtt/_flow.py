@@ -4,7 +4,8 @@ and resumes, and the publishes held meanwhile.
 A publish is held, unacknowledged and with the socket no longer read, when a MQTT 3.1.1 QoS 1/2 publish meets a
 full outbox (3.1.1 has no negative acknowledgement; docs/OUTBOX.md) or a rate limit or quota asks for backpressure
 (docs/POLICY.md). What was parsed after it waits behind it, in order. Reading also pauses at ``receive_maximum``
-unacknowledged publishes and while the outbox is congested.
+unacknowledged publishes, while the outbox is congested, and while the device does not read our answers (the
+transport's write buffer above its high-water mark).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FlowControl:
     device_id: str | None
     _loop: asyncio.AbstractEventLoop
     _paused: bool
+    _write_blocked: bool
+    _blocked_output: int
     _held: _Held | None
     _admitted: PublishReceived | None
 
@@ -178,8 +181,21 @@ class FlowControl:
             self.transport.pause_reading()
             log.debug("mqtt.paused", device_id=self.device_id, reason=reason)
 
+    def pause_writing(self) -> None:
+        """The transport's write buffer passed its high-water mark: the device does not read what we send. Each
+        packet it sends may add an answer (PUBACK, PINGRESP, SUBACK, ...), so it is not read either until the
+        buffer drains; otherwise a device that writes and never reads would grow our memory without bound."""
+        self._write_blocked = True
+        self._blocked_output = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self.pause(reason="write_buffer_full")
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._maybe_resume()
+
     def _maybe_resume(self) -> None:
-        if (self._paused and self._held is None and not self.server._draining and self.transport is not None
+        if (self._paused and self._held is None and not self._write_blocked and not self.server._draining
+                and self.transport is not None
                 and self.engine.state is ConnectionState.CONNECTED
                 and self.engine.inflight <= self.server.settings.receive_maximum // 2
                 and not self.server._outbox.congested):

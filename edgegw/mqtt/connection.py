@@ -294,8 +294,11 @@ class MQTTConnection(InboundPublishes, OutboundPublishes):
         for pid, out in list(self.session.outgoing.items()):
             if out.released:
                 self._send(Pubrel(pid))
-            else:
-                self._send_publish(pid, out, dup=True, now=None)
+            elif not self._send_publish(pid, out, dup=True, now=None):
+                # Larger than this connection's Maximum Packet Size (the device came back with a smaller one):
+                # dropped as if delivered, as send_publish does, rather than hold a slot of the window for ever.
+                del self.session.outgoing[pid]
+                self.session.finished(out)
 
     def refuse(self, reason: ReasonCode, detail: str) -> ConnectionClosed:
         self._require(ConnectionState.AUTHORIZING, "refuse")

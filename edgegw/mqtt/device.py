@@ -74,6 +74,8 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         self._last_rx = self._accepted_at
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
+        self._write_blocked = False  # our write buffer is above its high-water mark (_flow.pause_writing)
+        self._blocked_output = 0  # its size when the keep-alive last looked (_output_drains)
         self._closed_logged = False
         self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
         self._admitted: PublishReceived | None = None  # a rate-limited publish being released (tokens taken)
@@ -143,15 +145,26 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         # MQTT-3.1.2-24: close if nothing arrived for one and a half keep-alive periods.
         limit = 1.5 * self.engine.keepalive
         idle = self._loop.time() - self._last_rx
-        if self._held is not None:
-            # We stopped reading (a publish held for room in the outbox): its silence says nothing. A device
-            # that gave up closes its socket, which is seen once reading resumes.
+        if self._held is not None or self._output_drains():
+            # We stopped reading (a publish held for room in the outbox, or our answers read only slowly): its
+            # silence says nothing. A device that gave up closes its socket, which is seen once reading resumes.
             self._last_rx = self._loop.time()
             self._timer = self._loop.call_later(limit, self._check_keepalive)
         elif idle >= limit:
             self.close(ReasonCode.KEEP_ALIVE_TIMEOUT, f"keepalive: nothing received for {idle:.1f}s")
         else:
             self._timer = self._loop.call_later(limit - idle, self._check_keepalive)
+
+    def _output_drains(self) -> bool:
+        """Reading is paused because the device does not take our answers (pause_writing): still alive if it took
+        some since the last look, however slowly. One that takes none is closed at its keep-alive, as a silent one
+        is, rather than hold its buffers for as long as its TCP stack acknowledges a zero window."""
+        if not self._write_blocked or self.transport is None:
+            return False
+        size = self.transport.get_write_buffer_size()
+        progressed = size < self._blocked_output
+        self._blocked_output = size
+        return progressed
 
     @property
     def _cn(self) -> str | None:

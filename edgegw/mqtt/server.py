@@ -128,6 +128,11 @@ class MQTTServer:
         # per connection (256 KiB by default; BRIEF §2); the attribute is per class, so this bounds all of them.
         sslproto.SSLProtocol.max_size = self.settings.tls_read_buffer
         await self.session_db.open(legacy_snapshot=self.settings.session_store)
+        # Routing trusts what SUBSCRIBE accepted, under the ACL of its day: restored subscriptions the ACL running
+        # now refuses end here, as a reload ends them (edgegw/pipeline/reload.py). The lab's are under no ACL.
+        ended = self.broker.unsubscribe_disallowed(self._acl, keep=lambda key: key.startswith(LAB_PREFIX))
+        if ended:
+            log.info("mqtt.subscriptions_ended", count=ended, reason="no longer allowed by acl.subscribe")
         loop = asyncio.get_running_loop()
         self._server = await TLSListener.create(self.settings.bind, self.settings.port, self._on_accept,
                                                 backlog=1024)
@@ -215,11 +220,18 @@ class MQTTServer:
         return False
 
     def _publish_will(self, key: str, message: Message) -> None:
-        """A device's will (its ACL was checked at CONNECT): into the outbox and to local subscribers. With routes,
-        transforms or tenants configured it goes through the pipeline as the device's publishes do, under the
-        device's tenant: stored as sent, a tenant-less device's will on ``devices/{id}/{other-id}/...`` would go up
-        as ``{prefix}/{id}/{other-id}/...``, inside the space of a tenant named like the device."""
+        """A device's will (its ACL was checked at CONNECT, and is again now): into the outbox and to local
+        subscribers. With routes, transforms or tenants configured it goes through the pipeline as the device's
+        publishes do, under the device's tenant: stored as sent, a tenant-less device's will on
+        ``devices/{id}/{other-id}/...`` would go up as ``{prefix}/{id}/{other-id}/...``, inside the space of a tenant
+        named like the device."""
         device_id = key.removeprefix(LAB_PREFIX)
+        if key == device_id and not self._acl.may_publish(device_id, message.topic):
+            # Allowed at CONNECT, but a reload or a restart since (a delayed will, a session restored from disk)
+            # took that topic from the device: a will is a publish, under the ACL running when it is made.
+            self.stats.publish_denied += 1
+            log.warning("mqtt.will_denied", device_id=device_id, topic=message.topic, reason="acl")
+            return
         tp = new_traceparent()
         log.info("mqtt.will_published", device_id=device_id, topic=message.topic, trace_id=tp[3:35])
         properties = record_properties(message.properties, tp)

@@ -300,8 +300,10 @@ class SessionDB:
             self._ops.extend(("x", row) for row, _ in rows)
         count = 0
         for body in retained:
-            message = _unpack_message(msgpack.unpackb(body, raw=False), mono, now)
-            if message is None:
+            packed = msgpack.unpackb(body, raw=False)
+            message = _unpack_message(packed, mono, now)
+            if message is None:  # expired while stored: out of the file too
+                self.retained_changed(packed[0])
                 continue
             if broker.retained.put(message):
                 count += 1
