@@ -5,7 +5,9 @@ overload answers, the rate-limit seam, malformed frames, connection and observat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import socket
 import sqlite3
 import ssl
 import time
@@ -141,6 +143,50 @@ async def test_malformed_frames_close_only_that_connection(tmp_path: Path, fleet
         assert str((await post(good, srv.port, "still-fine")).code) == "2.01 Created"
         assert srv.connection_stats is not None and srv.connection_stats.protocol_errors >= 3
         assert srv.connection_count == 1
+
+
+def _send_unread(tls: ssl.SSLSocket, data: bytes, total: int) -> None:
+    """Send ``data`` until ``total`` bytes went or the socket is shut; never read anything."""
+    sent = 0
+    try:
+        while sent < total:
+            tls.sendall(data)
+            sent += len(data)
+    except OSError:
+        pass
+
+
+async def test_a_device_that_does_not_read_its_answers_is_not_read_either(tmp_path: Path, fleet: Fleet) -> None:
+    """Every request makes an answer (a 4.15 here: five times the request's size). A device that sends and never
+    reads must not make the gateway buffer those answers without bound: past the transport's high-water mark its
+    connection is not read until it reads; other devices are served meanwhile."""
+    bad = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "t"), payload=b"x", content_format=0)
+    bad.token = b"\x01"
+    async with running(tmp_path, fleet) as srv, device(fleet, "dev-03") as good:
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tls = await asyncio.to_thread(_tls_client(fleet, "dev-05").wrap_socket, raw, server_hostname="127.0.0.1")
+        tls.sendall(_serialize(aiocoap.Message(code=aiocoap.numbers.codes.CSM)))
+        # 3 MB of requests: answered in full, ~15 MB of answers would wait in the gateway for a device that never
+        # reads them.
+        flood = asyncio.create_task(asyncio.to_thread(_send_unread, tls, _serialize(bad) * 2000, 3_000_000))
+        try:
+            seen, still = -1, 0
+            for _ in range(120):  # until the gateway stops reading it for a whole second (or 30 s)
+                await asyncio.sleep(0.25)
+                still = still + 1 if srv.stats.requests == seen else 0
+                seen = srv.stats.requests
+                if still >= 4:
+                    break
+            conns = [c for c in srv.listener._pool if c._device_id == "dev-05"]  # type: ignore[union-attr]
+            buffered = conns[0]._transport.get_write_buffer_size() if conns and conns[0]._transport else 0
+            assert still >= 4 and buffered < 4_000_000, f"{seen} requests read, {buffered} bytes of answers buffered"
+            assert str((await post(good, srv.port, "meanwhile")).code) == "2.01 Created"
+        finally:
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_RDWR)  # ends the sender's blocked sendall
+            await flood
+            tls.close()
 
 
 async def test_connection_cap_idle_timeout_and_handshake_failures(tmp_path: Path, fleet: Fleet) -> None:

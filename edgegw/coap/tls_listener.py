@@ -65,6 +65,9 @@ class DeviceConnection(TcpConnection):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._paused = False
+        self._write_blocked = False
+        """The device does not read our answers (the transport's write buffer is over its high-water mark)."""
+        self._reading = True
         self._lost = False
 
     # --- output: the responses of one commit group go out in one write (one TLS record, one send) -------------
@@ -154,12 +157,35 @@ class DeviceConnection(TcpConnection):
     def pause(self) -> None:
         if not self._paused and self._transport is not None:
             self._paused = True
-            self._transport.pause_reading()
+            self._read_or_not()
 
     def resume(self) -> None:
         if self._paused and self._transport is not None and not self.listener.draining:
             self._paused = False
-            self._transport.resume_reading()
+            self._read_or_not()
+
+    def pause_writing(self) -> None:
+        # asyncio: the write buffer passed its high-water mark, the device does not read what we answer. Every
+        # request it sends makes an answer (a refusal, discovery: several times its size), so reading on would grow
+        # that buffer without bound (aiocoap's pause_writing does nothing); its requests wait in its socket.
+        self._write_blocked = True
+        self._read_or_not()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._read_or_not()
+
+    def _read_or_not(self) -> None:
+        """Read while neither flow control (:meth:`pause`) nor an unread output (:meth:`pause_writing`) holds it."""
+        transport = self._transport
+        reading = not (self._paused or self._write_blocked)
+        if transport is None or reading == self._reading or transport.is_closing():
+            return
+        self._reading = reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def close(self) -> None:
         if self._transport is not None:
