@@ -242,6 +242,25 @@ async def test_observations_get_commands_with_their_content_format(tmp_path: Pat
     assert not srv.site.observers  # ended with the shutdown
 
 
+async def test_a_reload_that_narrows_acl_subscribe_ends_the_observations_it_no_longer_allows(tmp_path: Path,
+                                                                                              fleet: Fleet) -> None:
+    """Deliveries trust what the observe accepted (as MQTT routing trusts SUBSCRIBE): a reload whose ACL refuses an
+    open observation's filter ends it (a last 4.03) instead of sending it commands the device may no longer get;
+    the observations the new rules still allow go on."""
+    async with running(tmp_path, fleet) as srv, device(fleet, "dev-07") as dev:
+        base = f"coaps+tcp://127.0.0.1:{srv.port}/ps/"
+        cmd = dev.request(aiocoap.Message(code=aiocoap.GET, uri=base + "cmd/%23", observe=0))
+        status = dev.request(aiocoap.Message(code=aiocoap.GET, uri=base + "status/%23", observe=0))
+        for req in (cmd, status):
+            assert str((await asyncio.wait_for(req.response, 10)).code) == "2.05 Content"
+        notes = status.observation.__aiter__()
+        srv.site.acl = ACL.from_settings(ACLSettings(subscribe=["devices/{device_id}/status/#"]))
+        assert not srv.deliver_downlink("dev-07", "devices/dev-07/cmd/reboot", b"now", 1)
+        assert srv.deliver_downlink("dev-07", "devices/dev-07/status/get", b"please", 1)
+        assert (await asyncio.wait_for(notes.__anext__(), 10)).payload == b"please"
+        await _wait_for(lambda: len(srv.site.observers.get("dev-07", ())) == 1, "the refused observation's end")
+
+
 class _Collect(asyncio.DatagramProtocol):
     def __init__(self, into: list[bytes]) -> None:
         self.into = into
