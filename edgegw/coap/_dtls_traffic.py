@@ -62,7 +62,7 @@ class DTLSTraffic:
             return
         try:
             message = Message.decode(plaintext, remote=remote)
-        except coap_error.UnparsableMessage:
+        except (coap_error.UnparsableMessage, UnicodeDecodeError):  # aiocoap: a string option that is not UTF-8
             self.stats.malformed_coap += 1
             log.debug("dtls.coap_malformed", peer=_peer(session), size=len(plaintext))
             return
