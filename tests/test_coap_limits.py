@@ -189,6 +189,49 @@ async def test_a_device_that_does_not_read_its_answers_is_not_read_either(tmp_pa
             tls.close()
 
 
+async def test_requests_pipelined_in_one_read_stay_within_max_inflight(tmp_path: Path, fleet: Fleet) -> None:
+    """aiocoap frames and dispatches every message of a read at once: 2,000 POSTs written together were all awaiting
+    their commit on one connection with max_inflight = 4. Past max_inflight the rest waits, unread by aiocoap, and
+    is served as the commits answer (the device sends nothing more: it waits for those answers)."""
+    from edgegw.coap.tls_listener import DeviceConnection
+
+    peak = 0
+    started = DeviceConnection.request_started
+
+    def counted(conn: DeviceConnection) -> None:
+        nonlocal peak
+        started(conn)
+        peak = max(peak, conn.inflight)
+
+    requests = []
+    for i in range(2000):
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "p", str(i)), payload=b"{}", content_format=50)
+        msg.token = i.to_bytes(2, "big")
+        requests.append(_serialize(msg))
+    DeviceConnection.request_started = counted  # type: ignore[method-assign]
+    try:
+        async with running(tmp_path, fleet, max_inflight=4, outbox={"commit_window_ms": 20.0}) as srv:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, ssl=_tls_client(fleet, "dev-04"),
+                                                          server_hostname="127.0.0.1")
+            writer.write(_serialize(aiocoap.Message(code=aiocoap.numbers.codes.CSM)) + b"".join(requests))
+            answers: dict[int, int] = {}
+            buf = b""
+            async with asyncio.timeout(60):
+                while len(answers) < 2000:
+                    buf += await reader.read(65536)
+                    while (size := _extract_message_size(buf)) is not None and sum(size) <= len(buf):
+                        tokenoffset, tkl, _ = size
+                        code, token = buf[tokenoffset - 1], buf[tokenoffset:tokenoffset + tkl]
+                        if code == 65:  # 2.01 (CSM, 7.01, is not an answer)
+                            answers[int.from_bytes(token, "big")] = code
+                        buf = buf[sum(size):]
+            writer.close()
+            assert peak <= 4, f"{peak} requests of one connection awaiting their commit, max_inflight = 4"
+            assert srv.stats.published == 2000
+    finally:
+        DeviceConnection.request_started = started  # type: ignore[method-assign]
+
+
 async def test_connection_cap_idle_timeout_and_handshake_failures(tmp_path: Path, fleet: Fleet) -> None:
     async with running(tmp_path, fleet, max_connections=2, idle_timeout=0.4) as srv:
         stats = srv.connection_stats
