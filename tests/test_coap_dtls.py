@@ -351,6 +351,23 @@ async def test_half_done_handshake_times_out_and_idle_sessions_expire(dpki: DTLS
         idle.close(notify=False)
 
 
+async def test_spoofed_junk_from_a_session_address_does_not_keep_it_alive(dpki: DTLSPKI, start: StartServer) -> None:
+    """Idle expiry counts what the device said, not what anyone sent from its address: records that do not decrypt
+    (anyone on the path can send them, spoofing the address) must not hold a gone device's session, and its slot of
+    dtls_max_sessions, forever."""
+    served = await start(limits=DTLSLimits(idle_timeout=0.5))
+    client = await asyncio.to_thread(_connected, dpki, served.port, "dev-a")
+    try:
+        for _ in range(30):  # 3 s: six idle timeouts
+            client.sock.send(b"\x17\xfe\xfd\x00\x01" + os.urandom(40))  # epoch 1 application data, bad MAC
+            if served.server.stats.sessions_expired:
+                break
+            await asyncio.sleep(0.1)
+        assert served.server.stats.sessions_expired == 1 and served.server.sessions == 0, served.server.stats
+    finally:
+        client.close(notify=False)
+
+
 async def test_new_handshake_from_the_same_address_replaces_the_session(dpki: DTLSPKI, start: StartServer) -> None:
     served = await start()
     old = await asyncio.to_thread(_connected, dpki, served.port, "dev-a")

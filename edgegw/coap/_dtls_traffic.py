@@ -38,6 +38,7 @@ class DTLSTraffic:
 
     def _read_app(self, session: Session) -> None:
         conn = session.conn
+        heard = False
         while True:
             try:
                 plaintext = conn.recv(_BIO_CHUNK)
@@ -52,6 +53,11 @@ class DTLSTraffic:
                 log.info("dtls.session_closed", peer=_peer(session), reason=_reason(exc))
                 self._drop(session, _reason(exc), notify=False)
                 return
+            if not heard:
+                # Idle expiry counts records that decrypted, not datagrams: anyone can send junk from (spoofing) a
+                # session's address, and it would hold a gone device's session and its slot for ever.
+                heard = True
+                session.last_seen = self._loop.time()
             self._deliver(session, plaintext)
         self._flush(session)
 
