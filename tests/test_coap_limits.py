@@ -507,6 +507,30 @@ async def test_dtls_session_past_max_inflight_loses_new_requests_until_the_commi
     assert _stored_topics(tmp_path) == sorted(f"devices/dev-06/n/{mid}" for mid in range(1, 11))
 
 
+async def test_dtls_answers_a_device_does_not_acknowledge_stay_within_max_inflight(tmp_path: Path,
+                                                                                    fleet: Fleet) -> None:
+    """A commit slower than aiocoap's EMPTY_ACK_DELAY (0.1 s) makes each 2.01 a separate CON answer, and aiocoap sends
+    one CON per device at a time (NSTART = 1): the others wait in its queue for the device's ACK. A device that
+    never ACKs them got its next requests read all the same (they left max_inflight at the commit), so its queue of
+    answers (each holding its request) grew for the ~90 s of the first one's retransmissions. Past max_inflight
+    queued answers its new requests are dropped unread, like past max_inflight requests awaiting their commit."""
+    async with dtls_rig(tmp_path, fleet, max_inflight=4) as rig:
+        rig.start_writer()
+        dtls = rig.server.dtls
+        dtls._tuning.EMPTY_ACK_DELAY = 0.0  # a commit slower than the empty ACK (an SD card's fsync): separate 2.01s
+        client = await asyncio.to_thread(_dtls_device, fleet, rig.server.dtls_port, "dev-10")
+        try:
+            for first in range(1, 41, 4):  # ten rounds of four, never an ACK of an answer
+                await asyncio.to_thread(_post_con, client, range(first, first + 4))
+                await asyncio.sleep(0.5)
+            (session,) = dtls._sessions.values()
+            queued = len(dtls._mman._backlogs.get(session.remote, ()))
+            assert queued <= 4, f"{queued} answers queued for a device that does not ACK, max_inflight = 4"
+            assert dtls.stats.requests_dropped_busy > 0
+        finally:
+            client.close()
+
+
 async def test_dtls_sessions_are_not_read_while_the_outbox_is_congested(tmp_path: Path, fleet: Fleet) -> None:
     async with dtls_rig(tmp_path, fleet, outbox={"max_pending": 2}) as rig:
         srv, dtls = rig.server, rig.server.dtls

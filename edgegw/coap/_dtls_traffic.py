@@ -72,7 +72,7 @@ class DTLSTraffic:
             self.stats.malformed_coap += 1
             log.debug("dtls.coap_malformed", peer=_peer(session), size=len(plaintext))
             return
-        if (remote.paused or self._draining) and message.code.is_request():
+        if (remote.paused or self._draining or self._answers_queued(mman, remote)) and message.code.is_request():
             # Flow control (docs/COAP.md "Limits"): UDP cannot stop reading one peer, so a session over max_inflight,
             # while the outbox is congested or the gateway drains, loses its new requests before aiocoap sees them
             # (no exchange, no message-id memory). The device retransmits its CON (RFC 7252 §4.2 backoff), which
@@ -81,6 +81,15 @@ class DTLSTraffic:
             return
         message.transport_tuning = self._tuning
         mman.dispatch_message(message)
+
+    def _answers_queued(self, mman: MessageManager, remote: Any) -> bool:
+        """Do this session's requests awaiting their commit and answers waiting for the device's ACK of an earlier
+        CON (aiocoap sends one at a time, NSTART = 1; private, pinned: ``MessageManager._backlogs``) reach
+        max_inflight? A request leaves max_inflight at its commit, but a separate answer (the commit took longer
+        than EMPTY_ACK_DELAY) that the device never ACKs stays queued, holding its request, for the ~90 s of the
+        first one's retransmissions."""
+        queue = mman._backlogs.get(remote)
+        return queue is not None and remote.inflight + len(queue) >= self.limits.max_inflight
 
     def _send_app(self, session: Session, data: bytes) -> None:
         if self._sessions.get(session.peer) is not session:
