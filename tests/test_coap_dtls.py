@@ -271,6 +271,27 @@ async def test_garbage_datagrams_then_a_good_client_still_works(dpki: DTLSPKI, s
     assert stats.handshakes_completed == 2
 
 
+async def test_a_coap_message_that_does_not_decode_is_counted_malformed_not_a_crash(dpki: DTLSPKI,
+                                                                                  start: StartServer) -> None:
+    """aiocoap's Message.decode raises UnicodeDecodeError (not UnparsableMessage) for a string option that is not
+    UTF-8: such a message is malformed input of that device (counted, dropped), not a crash of the transport."""
+    from structlog.testing import capture_logs
+
+    served = await start()
+    client = await asyncio.to_thread(_connected, dpki, served.port, "dev-c")
+    try:
+        bad = bytearray(aiocoap.Message(code=aiocoap.GET, uri_path=("who",), mtype=aiocoap.CON, mid=7,
+                                        token=b"\x07").encode())
+        bad[bad.index(b"who")] = 0xFF
+        with capture_logs() as logs:
+            client.send(bytes(bad))
+            assert (await asyncio.to_thread(coap_get, client)).payload == b"device=dev-c"  # the session goes on
+        assert served.server.stats.malformed_coap == 1, served.server.stats
+        assert not [e for e in logs if e["event"] == "dtls.datagram_crashed"], logs
+    finally:
+        client.close()
+
+
 def _connected(dpki: DTLSPKI, port: int, name: str, timeout: float = 5.0) -> DTLSClient:
     client = dpki.client(port, name)
     try:
@@ -328,6 +349,23 @@ async def test_half_done_handshake_times_out_and_idle_sessions_expire(dpki: DTLS
     finally:
         half.close(notify=False)
         idle.close(notify=False)
+
+
+async def test_spoofed_junk_from_a_session_address_does_not_keep_it_alive(dpki: DTLSPKI, start: StartServer) -> None:
+    """Idle expiry counts what the device said, not what anyone sent from its address: records that do not decrypt
+    (anyone on the path can send them, spoofing the address) must not hold a gone device's session, and its slot of
+    dtls_max_sessions, forever."""
+    served = await start(limits=DTLSLimits(idle_timeout=0.5))
+    client = await asyncio.to_thread(_connected, dpki, served.port, "dev-a")
+    try:
+        for _ in range(30):  # 3 s: six idle timeouts
+            client.sock.send(b"\x17\xfe\xfd\x00\x01" + os.urandom(40))  # epoch 1 application data, bad MAC
+            if served.server.stats.sessions_expired:
+                break
+            await asyncio.sleep(0.1)
+        assert served.server.stats.sessions_expired == 1 and served.server.sessions == 0, served.server.stats
+    finally:
+        client.close(notify=False)
 
 
 async def test_new_handshake_from_the_same_address_replaces_the_session(dpki: DTLSPKI, start: StartServer) -> None:

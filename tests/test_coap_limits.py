@@ -5,7 +5,9 @@ overload answers, the rate-limit seam, malformed frames, connection and observat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import socket
 import sqlite3
 import ssl
 import time
@@ -143,6 +145,93 @@ async def test_malformed_frames_close_only_that_connection(tmp_path: Path, fleet
         assert srv.connection_count == 1
 
 
+def _send_unread(tls: ssl.SSLSocket, data: bytes, total: int) -> None:
+    """Send ``data`` until ``total`` bytes went or the socket is shut; never read anything."""
+    sent = 0
+    try:
+        while sent < total:
+            tls.sendall(data)
+            sent += len(data)
+    except OSError:
+        pass
+
+
+async def test_a_device_that_does_not_read_its_answers_is_not_read_either(tmp_path: Path, fleet: Fleet) -> None:
+    """Every request makes an answer (a 4.15 here: five times the request's size). A device that sends and never
+    reads must not make the gateway buffer those answers without bound: past the transport's high-water mark its
+    connection is not read until it reads; other devices are served meanwhile."""
+    bad = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "t"), payload=b"x", content_format=0)
+    bad.token = b"\x01"
+    async with running(tmp_path, fleet) as srv, device(fleet, "dev-03") as good:
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tls = await asyncio.to_thread(_tls_client(fleet, "dev-05").wrap_socket, raw, server_hostname="127.0.0.1")
+        tls.sendall(_serialize(aiocoap.Message(code=aiocoap.numbers.codes.CSM)))
+        # 3 MB of requests: answered in full, ~15 MB of answers would wait in the gateway for a device that never
+        # reads them.
+        flood = asyncio.create_task(asyncio.to_thread(_send_unread, tls, _serialize(bad) * 2000, 3_000_000))
+        try:
+            seen, still = -1, 0
+            for _ in range(120):  # until the gateway stops reading it for a whole second (or 30 s)
+                await asyncio.sleep(0.25)
+                still = still + 1 if srv.stats.requests == seen else 0
+                seen = srv.stats.requests
+                if still >= 4:
+                    break
+            conns = [c for c in srv.listener._pool if c._device_id == "dev-05"]  # type: ignore[union-attr]
+            buffered = conns[0]._transport.get_write_buffer_size() if conns and conns[0]._transport else 0
+            assert still >= 4 and buffered < 4_000_000, f"{seen} requests read, {buffered} bytes of answers buffered"
+            assert str((await post(good, srv.port, "meanwhile")).code) == "2.01 Created"
+        finally:
+            with contextlib.suppress(OSError):
+                tls.shutdown(socket.SHUT_RDWR)  # ends the sender's blocked sendall
+            await flood
+            tls.close()
+
+
+async def test_requests_pipelined_in_one_read_stay_within_max_inflight(tmp_path: Path, fleet: Fleet) -> None:
+    """aiocoap frames and dispatches every message of a read at once: 2,000 POSTs written together were all awaiting
+    their commit on one connection with max_inflight = 4. Past max_inflight the rest waits, unread by aiocoap, and
+    is served as the commits answer (the device sends nothing more: it waits for those answers)."""
+    from edgegw.coap.tls_listener import DeviceConnection
+
+    peak = 0
+    started = DeviceConnection.request_started
+
+    def counted(conn: DeviceConnection) -> None:
+        nonlocal peak
+        started(conn)
+        peak = max(peak, conn.inflight)
+
+    requests = []
+    for i in range(2000):
+        msg = aiocoap.Message(code=aiocoap.POST, uri_path=("ps", "p", str(i)), payload=b"{}", content_format=50)
+        msg.token = i.to_bytes(2, "big")
+        requests.append(_serialize(msg))
+    DeviceConnection.request_started = counted  # type: ignore[method-assign]
+    try:
+        async with running(tmp_path, fleet, max_inflight=4, outbox={"commit_window_ms": 20.0}) as srv:
+            reader, writer = await asyncio.open_connection("127.0.0.1", srv.port, ssl=_tls_client(fleet, "dev-04"),
+                                                          server_hostname="127.0.0.1")
+            writer.write(_serialize(aiocoap.Message(code=aiocoap.numbers.codes.CSM)) + b"".join(requests))
+            answers: dict[int, int] = {}
+            buf = b""
+            async with asyncio.timeout(60):
+                while len(answers) < 2000:
+                    buf += await reader.read(65536)
+                    while (size := _extract_message_size(buf)) is not None and sum(size) <= len(buf):
+                        tokenoffset, tkl, _ = size
+                        code, token = buf[tokenoffset - 1], buf[tokenoffset:tokenoffset + tkl]
+                        if code == 65:  # 2.01 (CSM, 7.01, is not an answer)
+                            answers[int.from_bytes(token, "big")] = code
+                        buf = buf[sum(size):]
+            writer.close()
+            assert peak <= 4, f"{peak} requests of one connection awaiting their commit, max_inflight = 4"
+            assert srv.stats.published == 2000
+    finally:
+        DeviceConnection.request_started = started  # type: ignore[method-assign]
+
+
 async def test_connection_cap_idle_timeout_and_handshake_failures(tmp_path: Path, fleet: Fleet) -> None:
     async with running(tmp_path, fleet, max_connections=2, idle_timeout=0.4) as srv:
         stats = srv.connection_stats
@@ -194,6 +283,25 @@ async def test_observations_get_commands_with_their_content_format(tmp_path: Pat
         assert note.payload == b"on" and note.opt.content_format is None
         assert srv.stats.notifications == 2
     assert not srv.site.observers  # ended with the shutdown
+
+
+async def test_a_reload_that_narrows_acl_subscribe_ends_the_observations_it_no_longer_allows(tmp_path: Path,
+                                                                                              fleet: Fleet) -> None:
+    """Deliveries trust what the observe accepted (as MQTT routing trusts SUBSCRIBE): a reload whose ACL refuses an
+    open observation's filter ends it (a last 4.03) instead of sending it commands the device may no longer get;
+    the observations the new rules still allow go on."""
+    async with running(tmp_path, fleet) as srv, device(fleet, "dev-07") as dev:
+        base = f"coaps+tcp://127.0.0.1:{srv.port}/ps/"
+        cmd = dev.request(aiocoap.Message(code=aiocoap.GET, uri=base + "cmd/%23", observe=0))
+        status = dev.request(aiocoap.Message(code=aiocoap.GET, uri=base + "status/%23", observe=0))
+        for req in (cmd, status):
+            assert str((await asyncio.wait_for(req.response, 10)).code) == "2.05 Content"
+        notes = status.observation.__aiter__()
+        srv.site.acl = ACL.from_settings(ACLSettings(subscribe=["devices/{device_id}/status/#"]))
+        assert not srv.deliver_downlink("dev-07", "devices/dev-07/cmd/reboot", b"now", 1)
+        assert srv.deliver_downlink("dev-07", "devices/dev-07/status/get", b"please", 1)
+        assert (await asyncio.wait_for(notes.__anext__(), 10)).payload == b"please"
+        await _wait_for(lambda: len(srv.site.observers.get("dev-07", ())) == 1, "the refused observation's end")
 
 
 class _Collect(asyncio.DatagramProtocol):
@@ -397,6 +505,30 @@ async def test_dtls_session_past_max_inflight_loses_new_requests_until_the_commi
         finally:
             client.close()
     assert _stored_topics(tmp_path) == sorted(f"devices/dev-06/n/{mid}" for mid in range(1, 11))
+
+
+async def test_dtls_answers_a_device_does_not_acknowledge_stay_within_max_inflight(tmp_path: Path,
+                                                                                    fleet: Fleet) -> None:
+    """A commit slower than aiocoap's EMPTY_ACK_DELAY (0.1 s) makes each 2.01 a separate CON answer, and aiocoap sends
+    one CON per device at a time (NSTART = 1): the others wait in its queue for the device's ACK. A device that
+    never ACKs them got its next requests read all the same (they left max_inflight at the commit), so its queue of
+    answers (each holding its request) grew for the ~90 s of the first one's retransmissions. Past max_inflight
+    queued answers its new requests are dropped unread, like past max_inflight requests awaiting their commit."""
+    async with dtls_rig(tmp_path, fleet, max_inflight=4) as rig:
+        rig.start_writer()
+        dtls = rig.server.dtls
+        dtls._tuning.EMPTY_ACK_DELAY = 0.0  # a commit slower than the empty ACK (an SD card's fsync): separate 2.01s
+        client = await asyncio.to_thread(_dtls_device, fleet, rig.server.dtls_port, "dev-10")
+        try:
+            for first in range(1, 41, 4):  # ten rounds of four, never an ACK of an answer
+                await asyncio.to_thread(_post_con, client, range(first, first + 4))
+                await asyncio.sleep(0.5)
+            (session,) = dtls._sessions.values()
+            queued = len(dtls._mman._backlogs.get(session.remote, ()))
+            assert queued <= 4, f"{queued} answers queued for a device that does not ACK, max_inflight = 4"
+            assert dtls.stats.requests_dropped_busy > 0
+        finally:
+            client.close()
 
 
 async def test_dtls_sessions_are_not_read_while_the_outbox_is_congested(tmp_path: Path, fleet: Fleet) -> None:

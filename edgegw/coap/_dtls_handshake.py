@@ -199,6 +199,7 @@ class DTLSHandshakes(DTLSTraffic):
             self._fail(session, "no verified client certificate")
             return
         session.established = True
+        session.last_seen = self._loop.time()  # idle from here (records that decrypt keep it, _read_app)
         self._cancel_timer(session)
         session.remote = DTLSRemote(self, session, session.identity)
         self.stats.handshakes_completed += 1

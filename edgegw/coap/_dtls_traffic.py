@@ -38,6 +38,7 @@ class DTLSTraffic:
 
     def _read_app(self, session: Session) -> None:
         conn = session.conn
+        heard = False
         while True:
             try:
                 plaintext = conn.recv(_BIO_CHUNK)
@@ -52,6 +53,11 @@ class DTLSTraffic:
                 log.info("dtls.session_closed", peer=_peer(session), reason=_reason(exc))
                 self._drop(session, _reason(exc), notify=False)
                 return
+            if not heard:
+                # Idle expiry counts records that decrypted, not datagrams: anyone can send junk from (spoofing) a
+                # session's address, and it would hold a gone device's session and its slot for ever.
+                heard = True
+                session.last_seen = self._loop.time()
             self._deliver(session, plaintext)
         self._flush(session)
 
@@ -62,11 +68,11 @@ class DTLSTraffic:
             return
         try:
             message = Message.decode(plaintext, remote=remote)
-        except coap_error.UnparsableMessage:
+        except (coap_error.UnparsableMessage, UnicodeDecodeError):  # aiocoap: a string option that is not UTF-8
             self.stats.malformed_coap += 1
             log.debug("dtls.coap_malformed", peer=_peer(session), size=len(plaintext))
             return
-        if (remote.paused or self._draining) and message.code.is_request():
+        if (remote.paused or self._draining or self._answers_queued(mman, remote)) and message.code.is_request():
             # Flow control (docs/COAP.md "Limits"): UDP cannot stop reading one peer, so a session over max_inflight,
             # while the outbox is congested or the gateway drains, loses its new requests before aiocoap sees them
             # (no exchange, no message-id memory). The device retransmits its CON (RFC 7252 §4.2 backoff), which
@@ -75,6 +81,15 @@ class DTLSTraffic:
             return
         message.transport_tuning = self._tuning
         mman.dispatch_message(message)
+
+    def _answers_queued(self, mman: MessageManager, remote: Any) -> bool:
+        """Do this session's requests awaiting their commit and answers waiting for the device's ACK of an earlier
+        CON (aiocoap sends one at a time, NSTART = 1; private, pinned: ``MessageManager._backlogs``) reach
+        max_inflight? A request leaves max_inflight at its commit, but a separate answer (the commit took longer
+        than EMPTY_ACK_DELAY) that the device never ACKs stays queued, holding its request, for the ~90 s of the
+        first one's retransmissions."""
+        queue = mman._backlogs.get(remote)
+        return queue is not None and remote.inflight + len(queue) >= self.limits.max_inflight
 
     def _send_app(self, session: Session, data: bytes) -> None:
         if self._sessions.get(session.peer) is not session:

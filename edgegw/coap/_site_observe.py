@@ -68,11 +68,34 @@ class Observing(RequestChecks):
         finally:
             if conn is not None:
                 conn.observing -= 1
-            mine.remove(obs)
+            if obs in mine:  # end_disallowed_observations may have taken it out already
+                mine.remove(obs)
             if not mine and self.observers.get(device_id) is mine:
                 del self.observers[device_id]
             log.info("coap.observe_ended", device_id=device_id, topic_filter=topic_filter)
         return None  # pragma: no cover - the future never resolves
+
+    def end_disallowed_observations(self) -> int:
+        """After a reload: end the observations whose filter the new ACL refuses, with a last 4.03 notification
+        (RFC 7641 §3.2); how many. :meth:`deliver` trusts what :meth:`_observe` accepted, as MQTT routing trusts what
+        SUBSCRIBE accepted (whose reload ends the subscriptions it no longer allows, edgegw/pipeline/reload.py)."""
+        ended = 0
+        for device_id, mine in list(self.observers.items()):
+            for obs in list(mine):
+                if self.acl.may_subscribe(device_id, "/".join(obs.topic_filter)):
+                    continue
+                mine.remove(obs)  # no notification from now on, even before its task has ended
+                if not mine and self.observers.get(device_id) is mine:
+                    del self.observers[device_id]
+                ended += 1
+                try:  # the last response ends the request: aiocoap cancels its task (the finally in _observe)
+                    obs.pipe.add_response(Message(code=Code.FORBIDDEN, payload=b"no longer allowed by the ACL"),
+                                          is_last=True)
+                except Exception as exc:  # noqa: BLE001 - a broken connection must not stop the others
+                    log.warning("coap.notification_failed", device_id=device_id, error=repr(exc)[:200])
+        if ended:
+            log.info("coap.observations_ended", count=ended, reason="no longer allowed by acl.subscribe")
+        return ended
 
     def deliver(self, device_id: str, topic: str, payload: bytes, content_type: str | None = None) -> bool:
         """A command from upstream (``devices/{device_id}/rest``) to this device's matching observations, now.

@@ -43,7 +43,7 @@ Design, per datagram (``datagram_received``, no task and no await per datagram):
 Limits (:class:`DTLSLimits`, defaults; ConfigError keys ``coap.dtls_<field>``): ``max_sessions`` 1000 (handshaking
 ones included; refused past it, counted), ``handshakes_per_second`` 50 with ``handshake_burst`` 50 (token bucket;
 a refused ClientHello gets no answer and the client retries), ``handshake_timeout`` 10 s, ``idle_timeout`` 300 s
-(sessions with no datagram from the device are closed with close_notify: an observer stays alive through its
+(sessions with no record from the device that decrypts are closed with close_notify: an observer stays alive through its
 ACKs of confirmable notifications, or a CoAP ping), ``rcvbuf`` 4 MiB (SO_RCVBUFFORCE, else SO_RCVBUF; the
 effective size is logged, a cap by net.core.rmem_max is a warning), ``mtu`` 1400 (the largest datagram we send;
 handshake flights are fragmented to it), ``cookie_rotation`` 60 s, ``exchange_lifetime`` 30 s (aiocoap's
@@ -186,7 +186,6 @@ class DTLSServer(DTLSHandshakes, asyncio.DatagramProtocol):
                                    and client_random(data) != session.client_random):  # not a late duplicate
                 self._new_peer(data, addr, session)
                 return
-            session.last_seen = self._loop.time()
             try:
                 session.conn.bio_write(data)
             except SSL.Error:

@@ -82,6 +82,7 @@ class PubSubSite(Publishing, Observing, interfaces.Resource):
     def acl(self, acl: ACL) -> None:  # a reload: the verdicts of the old rules go with them
         self._acl = acl
         self._may_publish = {}
+        self.end_disallowed_observations()
 
     # aiocoap's abstract methods; render_to_pipe below replaces their use.
     async def render(self, request: Message) -> Message:  # pragma: no cover - never called

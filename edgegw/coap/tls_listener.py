@@ -26,7 +26,7 @@ from typing import Any
 
 import structlog
 from aiocoap import COAPS_PORT
-from aiocoap.transports.tcp import TcpConnection, TCPServer, _serialize
+from aiocoap.transports.tcp import TcpConnection, TCPServer, _extract_message_size, _serialize
 
 from edgegw.config import CoAPSettings
 from edgegw.identity import DeviceIdentity, describe_handshake_error, identity_from_peercert
@@ -65,6 +65,11 @@ class DeviceConnection(TcpConnection):
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._paused = False
+        self._write_blocked = False
+        """The device does not read our answers (the transport's write buffer is over its high-water mark)."""
+        self._reading = True
+        self._held = bytearray()
+        """Bytes read and not yet handed to aiocoap (:meth:`_feed`): at most one read past a pause."""
         self._lost = False
 
     # --- output: the responses of one commit group go out in one write (one TLS record, one send) -------------
@@ -101,11 +106,35 @@ class DeviceConnection(TcpConnection):
             self._early.append(data)
             return
         self.last_rx = self.loop.time()
+        self._held += data
+        self._feed()
+
+    def _feed(self) -> None:
+        """Hand aiocoap the held bytes one message at a time, and none while reading is paused. aiocoap frames and
+        dispatches every message of a read at once: a device pipelining requests had as many awaiting their commit
+        as one read holds (2,000 with max_inflight = 4, measured), past max_inflight and the write high-water mark.
+        What is held waits for :meth:`_read_or_not` to read again (the device may send nothing more meanwhile)."""
+        held, pos = self._held, 0
         try:
-            super().data_received(data)
+            while self._reading and pos < len(held):
+                transport = self._transport
+                if transport is None or transport.is_closing():
+                    pos = len(held)  # closed meanwhile (an Abort, a refused device): the rest is not served
+                    break
+                size = _extract_message_size(held[pos:pos + 5])  # the length field: 1 + at most 4 bytes
+                if size is None:
+                    break
+                end = pos + sum(size)
+                if end > len(held) and end - pos <= self._my_max_message_size:
+                    break  # the rest of this message is still to come (an oversized one goes on: aiocoap aborts)
+                message, pos = bytes(held[pos:end]), min(end, len(held))
+                super().data_received(message)
         except Exception as exc:  # noqa: BLE001 - junk must close this connection, never reach the loop
+            pos = len(held)
             log.warning("coap.protocol_error", peer=self.peer, device_id=self._device_id, error=repr(exc)[:200])
             self.close()
+        finally:
+            del held[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -154,12 +183,37 @@ class DeviceConnection(TcpConnection):
     def pause(self) -> None:
         if not self._paused and self._transport is not None:
             self._paused = True
-            self._transport.pause_reading()
+            self._read_or_not()
 
     def resume(self) -> None:
         if self._paused and self._transport is not None and not self.listener.draining:
             self._paused = False
-            self._transport.resume_reading()
+            self._read_or_not()
+
+    def pause_writing(self) -> None:
+        # asyncio: the write buffer passed its high-water mark, the device does not read what we answer. Every
+        # request it sends makes an answer (a refusal, discovery: several times its size), so reading on would grow
+        # that buffer without bound (aiocoap's pause_writing does nothing); its requests wait in its socket.
+        self._write_blocked = True
+        self._read_or_not()
+
+    def resume_writing(self) -> None:
+        self._write_blocked = False
+        self._read_or_not()
+
+    def _read_or_not(self) -> None:
+        """Read while neither flow control (:meth:`pause`) nor an unread output (:meth:`pause_writing`) holds it."""
+        transport = self._transport
+        reading = not (self._paused or self._write_blocked)
+        if transport is None or reading == self._reading or transport.is_closing():
+            return
+        self._reading = reading
+        if reading:
+            transport.resume_reading()
+            if self._held:  # requests that came in one read with those that paused it (not from within on_commit)
+                self.loop.call_soon(self._feed)
+        else:
+            transport.pause_reading()
 
     def close(self) -> None:
         if self._transport is not None:
