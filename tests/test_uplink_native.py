@@ -233,3 +233,20 @@ async def test_native_link_runs_on_edgegw_tls_transport_checks_the_name_and_says
         await eventually(lambda: uplink.acked == 50 and outbox.depth == 0, 10, "records over the transport")
     await eventually(lambda: f"Client {CLIENT_ID} disconnected" in mosquitto.log(), 5, "the DISCONNECT")
     assert f"Client {CLIENT_ID} closed its connection" not in mosquitto.log()
+
+
+async def test_server_keep_alive_shorter_than_ours_is_honoured_from_the_connack(
+        mosquitto_factory: Callable[..., Mosquitto], pki: LabPKI, outbox: Outbox) -> None:
+    """mosquitto's ``max_keepalive`` (10 s at least) answers a larger keepalive with Server Keep Alive 10
+    (MQTT-3.2.2-21: the client must use it) and drops a client silent for 1.5 x 10 s (seen after 17-25 s). Our
+    keepalive of 120 s (a first check after 30 s) must not decide when the first PINGREQ goes: an idle link must
+    stay up. It was dropped: the timer armed at connect ran on our keepalive until it first fired."""
+    broker = mosquitto_factory(extra="max_keepalive 10").start()
+    uplink = make_uplink(uplink_settings(broker, pki, keepalive=120), outbox)
+    with structlog.testing.capture_logs() as logs:
+        async with running(uplink):
+            await eventually(lambda: uplink.connected, 10, "connected")
+            link = uplink._link
+            await asyncio.sleep(25.0)  # idle for longer than the server's 1.5 x 10 s, shorter than 120 / 4
+            assert uplink.connected and uplink._link is link and uplink.reconnects == 0, \
+                [e for e in logs if e["event"] == "uplink.disconnected"]

@@ -324,6 +324,10 @@ class NativeLink(LinkBase, asyncio.Protocol):
         server_keepalive = props.get(PropertyId.SERVER_KEEP_ALIVE)
         if isinstance(server_keepalive, int) and server_keepalive > 0:
             self._keepalive = float(server_keepalive)  # MQTT-3.2.2-21: the server's value wins
+            # The timer armed at connect ticks at a quarter of ours: a shorter server value must rule from now,
+            # not from its first tick (keepalive 120 s, server 10 s: first check after 30 s, dropped after 15 s).
+            self._stop_timer()
+            self._arm_timer()
         self._connected = True
         self.connack.set_result(None)
         self._subscribe_commands()
