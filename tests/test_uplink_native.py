@@ -5,6 +5,7 @@ delivery test runs with it too."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -250,3 +251,41 @@ async def test_server_keep_alive_shorter_than_ours_is_honoured_from_the_connack(
             await asyncio.sleep(25.0)  # idle for longer than the server's 1.5 x 10 s, shorter than 120 / 4
             assert uplink.connected and uplink._link is link and uplink.reconnects == 0, \
                 [e for e in logs if e["event"] == "uplink.disconnected"]
+
+
+@pytest.mark.parametrize("client", ["native", "paho"])
+async def test_connack_with_maximum_packet_size_zero_is_a_failed_attempt_not_a_quarantine(
+        client: str, pki: LabPKI, outbox: Outbox, mosquitto: Mosquitto) -> None:
+    """A server whose CONNACK says Maximum Packet Size 0 (a Protocol Error, MQTT 5 §3.2.2.3.6) broke the protocol:
+    the attempt fails. Taken at its word, every record is "over the server's Maximum Packet Size" and the whole
+    outbox would move to quarantine on that one connection."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    connack = b"\x20\x08\x00\x00\x05\x27\x00\x00\x00\x00"  # accepted, property Maximum Packet Size = 0
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read(1)  # the CONNECT has begun
+        writer.write(connack)
+        while await reader.read(65536):  # PUBLISHes, never acknowledged
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    records = submit(outbox, ["z1"], 50)
+    await eventually(lambda: outbox.committed_id >= records[-1].id, 5, "committed")
+    settings = uplink_settings(mosquitto, pki, port=port, client=client, reconnect_min=0.2, reconnect_max=0.4)
+    uplink = make_uplink(settings, outbox)
+    try:
+        async with running(uplink):
+            await eventually(lambda: uplink.connect_failures >= 2 or uplink.refused > 0, 10, "an attempt or more")
+            await asyncio.sleep(0.3)
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()
+    assert uplink.refused == 0 and outbox.quarantined == 0 and outbox.depth == 50
+    assert uplink.connect_failures >= 2

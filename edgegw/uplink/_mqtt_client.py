@@ -316,6 +316,10 @@ class NativeLink(LinkBase, asyncio.Protocol):
             self.connack.set_result(f"CONNACK refused: {reason_name(code)} (0x{code:02x})")
             return
         props = packet.properties
+        for pid in (PropertyId.RECEIVE_MAXIMUM, PropertyId.MAXIMUM_PACKET_SIZE):
+            if props.get(pid) == 0:  # MQTT 5 §3.2.2.3.3, §3.2.2.3.6: a Protocol Error, not a limit of nothing
+                # Taken as a limit, a Maximum Packet Size of 0 would quarantine every record of the outbox.
+                raise MQTTProtocolError(f"CONNACK with {pid.name.replace('_', ' ').title()} 0")
         receive_max = props.get(PropertyId.RECEIVE_MAXIMUM)
         if isinstance(receive_max, int) and 0 < receive_max < self.window:
             self.window = receive_max  # never more in flight than the server accepts (BRIEF §3.8)
