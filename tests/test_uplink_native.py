@@ -289,3 +289,42 @@ async def test_connack_with_maximum_packet_size_zero_is_a_failed_attempt_not_a_q
         server.close()
     assert uplink.refused == 0 and outbox.quarantined == 0 and outbox.depth == 50
     assert uplink.connect_failures >= 2
+
+
+@pytest.mark.timeout(60, method="thread")  # a stuck loop cannot take the signal: kill the run
+async def test_a_full_window_of_65535_with_a_command_subscription_does_not_hang_the_loop(
+        pki: LabPKI, outbox: Outbox, mosquitto: Mosquitto) -> None:
+    """``inflight_window`` may be 65535 and an MQTT 3.1.1 server announces no Receive Maximum: with the command
+    SUBSCRIBE holding one packet id, the 65,535th PUBLISH in flight found no free id and searched for one forever,
+    the event loop stuck (every device connection with it). A TLS server that reads everything and acknowledges
+    nothing fills the window."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read(1)
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK 3.1.1, accepted
+        while await reader.read(1 << 20):  # SUBSCRIBE and PUBLISHes, never answered
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    settings = uplink_settings(mosquitto, pki, port=port, protocol="3.1.1", inflight_window=65535,
+                               command_topic="{prefix}/+/cmd/#", keepalive=60)
+    uplink = make_uplink(settings, outbox)
+    try:
+        async with running(uplink):
+            for start in range(0, 65600, 5000):
+                submit(outbox, ["w1"], 5000, start)
+                await asyncio.sleep(0.05)
+            await eventually(lambda: uplink.inflight >= 65534, 30, "the window filled")
+            await asyncio.sleep(0.5)  # the loop still turns
+            assert uplink.connected and uplink.inflight == 65534
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()
