@@ -31,7 +31,8 @@ RECORD_COST = 32
 
 
 def record_cost(record: Record, topic: str, traceparent: str | None = None) -> int:
-    return (len(record.payload) + len(topic) + len(record.device_id) + RECORD_COST
+    # In bytes, as msgpack writes them: a topic or device id in Chinese takes three per character.
+    return (len(record.payload) + len(topic.encode()) + len(record.device_id.encode()) + RECORD_COST
             + (len(traceparent) + 2 if traceparent is not None else 0))
 
 
