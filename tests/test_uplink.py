@@ -389,6 +389,42 @@ async def test_unsendable_records_are_quarantined_without_dropping_the_connectio
     assert uplink.reconnects == 0 and not any(e["event"] == "uplink.disconnected" for e in logs)
 
 
+@pytest.mark.parametrize("live_first", [True, False])
+async def test_a_page_of_undecodable_rows_does_not_hide_the_good_rows_behind_it(
+        live_first: bool, mosquitto: Mosquitto, sink_factory: Callable[..., Sink], pki: LabPKI,
+        tmp_path: Path) -> None:
+    """More damaged rows in a row than one outbox read takes (a bad stretch of the file): each read quarantines
+    them and returns nothing, which must not read as "nothing left": the good rows behind them go up on this
+    connection, not at the next reconnect (or never, on a connection that lasts)."""
+    path = tmp_path / "damaged.db"
+    box = await Outbox.open(OutboxSettings(path=path, synchronous="normal"))
+    writer = asyncio.create_task(box.run())
+    good = submit(box, ["u1"], 20)
+    box.stop()
+    await writer
+    await box.close()
+    first = good[0].id
+    with sqlite3.connect(path) as db:  # 600 rows before the good ones with bad UTF-8 in the topic
+        db.executemany("INSERT INTO records (id, device_id, topic, payload, qos, received_at) "
+                       "VALUES (?, 'u1', CAST(x'ff00fe' AS TEXT), x'00', 1, ?)",
+                       [(first - 1000 + i, time.time()) for i in range(600)])
+    sink = sink_factory(mosquitto, topic="edgegw/#")
+    box = await Outbox.open(OutboxSettings(path=path, synchronous="normal"))
+    writer = asyncio.create_task(box.run())
+    try:
+        uplink = make_uplink(uplink_settings(mosquitto, pki, inflight_window=10, live_first=live_first), box)
+        async with running(uplink):
+            messages = await sink.until(lambda m: len(m) >= len(good), 10)
+            await eventually(lambda: box.depth == 0, 5, "every row acknowledged or quarantined")
+            assert uplink.reconnects == 0
+        assert sorted(m.payload for m in messages) == sorted(r.payload for r in good)
+        assert await box.count_quarantined() == 600
+    finally:
+        box.stop()
+        await writer
+        await box.close()
+
+
 # --- small pure parts ------------------------------------------------------------------------------------------
 
 

@@ -104,3 +104,44 @@ async def test_linger_lets_a_trickle_of_live_records_share_frames(
     assert [r["id"] for r in got] == [r.id for r in sent], "a record missing, duplicated or out of order"
     # ~600 ms of records with a 400 ms linger: a handful of frames (a loaded machine can only make them fuller).
     assert uplink.frames_sent <= n // 5, f"{uplink.frames_sent} frames for {n} records"
+
+
+async def test_frames_stay_under_a_small_server_maximum_packet_size_and_nothing_is_quarantined(
+        mosquitto_factory: Callable[..., Mosquitto], sink_factory: Callable[..., Sink], pki: LabPKI,
+        outbox: Outbox) -> None:
+    """A broker announcing Maximum Packet Size 600 (mosquitto ``max_packet_size``): records of ~70 bytes each fit
+    many times over, so frames must be cut to fit rather than be built to 1,024 bytes, refused as a whole and every
+    record in them quarantined (the frame is not "a single oversized record")."""
+    broker = mosquitto_factory(extra="max_packet_size 600").start()
+    sink = sink_factory(broker, topic="edgegw/#")
+    records: list[Record] = []
+    for compression in ("none", "zlib"):
+        for i in range(len(records), len(records) + 300):
+            payload = json.dumps({"seq": i, "t": 21.5 + i % 7, "h": 40 + i % 11, "status": "ok"}).encode()
+            records.append(outbox.submit(f"bt-{i % 3}", f"devices/bt-{i % 3}/telemetry", payload, 1))
+        settings = uplink_settings(broker, pki, batch_max_records=100, batch_compression=compression)
+        uplink = make_uplink(settings, outbox)
+        async with running(uplink):
+            await eventually(lambda: outbox.depth == 0, 15, "every record settled")
+        assert uplink.refused == 0 and await outbox.count_quarantined() == 0, compression
+        assert uplink.frames_sent < 300 // 2, "frames of one record each"
+    messages = await sink.until(lambda m: sum(int(x.user_properties["edgegw-records"]) for x in m) >= 600, 10)
+    assert sorted(r["id"] for r in unpack(messages)) == [r.id for r in records]
+
+
+async def test_frames_count_non_ascii_topics_and_ids_in_bytes(
+        mosquitto_factory: Callable[..., Mosquitto], sink_factory: Callable[..., Sink], pki: LabPKI,
+        outbox: Outbox) -> None:
+    """A frame's size is counted in bytes: a topic (or device id) in Chinese takes three bytes per character.
+    Counted in characters, frames under a broker's Maximum Packet Size of 4,000 came out far larger, were refused
+    as a whole and every record in them quarantined."""
+    broker = mosquitto_factory(extra="max_packet_size 4000").start()
+    sink = sink_factory(broker, topic="edgegw/#")
+    device = "传感器-1"
+    records = [outbox.submit(device, f"devices/{device}/" + "温度" * 20, b"%d" % i, 1) for i in range(200)]
+    uplink = make_uplink(uplink_settings(broker, pki, batch_max_records=100), outbox)
+    async with running(uplink):
+        await eventually(lambda: outbox.depth == 0, 15, "every record settled")
+    assert uplink.refused == 0 and await outbox.count_quarantined() == 0
+    messages = await sink.until(lambda m: sum(int(x.user_properties["edgegw-records"]) for x in m) >= 200, 10)
+    assert sorted(r["id"] for r in unpack(messages)) == [r.id for r in records]

@@ -71,6 +71,23 @@ async def test_priority_fails_back_when_the_first_endpoint_returns_and_nothing_i
     assert {r.payload for r in second} <= {m.payload for m in got_a}
 
 
+def test_after_its_cool_down_an_endpoint_gets_one_trial() -> None:
+    """docs/OUTBOX.md: the breaker keeps an endpoint out for breaker_cooldown s, "then it gets one trial". A failed
+    trial opens the circuit again at once; it used to take another breaker_failures failures (three attempts at a
+    dead primary, each with its connect timeout and backoff, while the records waited), and a success closes it."""
+    settings = UplinkSettings(host="a", port=1, ca="ca", cert="c", key="k",  # type: ignore[arg-type]
+                              endpoints=("b:2",), breaker_failures=3, breaker_cooldown=10.0)
+    eps = Endpoints(settings)
+    a = eps.all[0]
+    assert [eps.failed(a, now=0) for _ in range(3)] == [False, False, True]
+    assert eps.choose(5).name == "b:2"
+    assert eps.choose(10).name == "a:1"  # cool-down over: the trial
+    assert eps.failed(a, now=10) and eps.choose(11).name == "b:2"  # the trial failed: out again at once
+    assert eps.choose(20).name == "a:1"
+    eps.succeeded(a)  # the trial worked: closed, and the count starts over
+    assert [eps.failed(a, now=30) for _ in range(3)] == [False, False, True]
+
+
 def test_round_robin_and_breaker_selection() -> None:
     settings = UplinkSettings(host="a", port=1, ca="ca", cert="c", key="k",  # type: ignore[arg-type]
                               endpoints=("b:2", "[::1]:3"), endpoint_policy="round-robin", breaker_failures=2,

@@ -5,6 +5,7 @@ delivery test runs with it too."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -233,3 +234,97 @@ async def test_native_link_runs_on_edgegw_tls_transport_checks_the_name_and_says
         await eventually(lambda: uplink.acked == 50 and outbox.depth == 0, 10, "records over the transport")
     await eventually(lambda: f"Client {CLIENT_ID} disconnected" in mosquitto.log(), 5, "the DISCONNECT")
     assert f"Client {CLIENT_ID} closed its connection" not in mosquitto.log()
+
+
+async def test_server_keep_alive_shorter_than_ours_is_honoured_from_the_connack(
+        mosquitto_factory: Callable[..., Mosquitto], pki: LabPKI, outbox: Outbox) -> None:
+    """mosquitto's ``max_keepalive`` (10 s at least) answers a larger keepalive with Server Keep Alive 10
+    (MQTT-3.2.2-21: the client must use it) and drops a client silent for 1.5 x 10 s (seen after 17-25 s). Our
+    keepalive of 120 s (a first check after 30 s) must not decide when the first PINGREQ goes: an idle link must
+    stay up. It was dropped: the timer armed at connect ran on our keepalive until it first fired."""
+    broker = mosquitto_factory(extra="max_keepalive 10").start()
+    uplink = make_uplink(uplink_settings(broker, pki, keepalive=120), outbox)
+    with structlog.testing.capture_logs() as logs:
+        async with running(uplink):
+            await eventually(lambda: uplink.connected, 10, "connected")
+            link = uplink._link
+            await asyncio.sleep(25.0)  # idle for longer than the server's 1.5 x 10 s, shorter than 120 / 4
+            assert uplink.connected and uplink._link is link and uplink.reconnects == 0, \
+                [e for e in logs if e["event"] == "uplink.disconnected"]
+
+
+@pytest.mark.parametrize("client", ["native", "paho"])
+async def test_connack_with_maximum_packet_size_zero_is_a_failed_attempt_not_a_quarantine(
+        client: str, pki: LabPKI, outbox: Outbox, mosquitto: Mosquitto) -> None:
+    """A server whose CONNACK says Maximum Packet Size 0 (a Protocol Error, MQTT 5 §3.2.2.3.6) broke the protocol:
+    the attempt fails. Taken at its word, every record is "over the server's Maximum Packet Size" and the whole
+    outbox would move to quarantine on that one connection."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    connack = b"\x20\x08\x00\x00\x05\x27\x00\x00\x00\x00"  # accepted, property Maximum Packet Size = 0
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read(1)  # the CONNECT has begun
+        writer.write(connack)
+        while await reader.read(65536):  # PUBLISHes, never acknowledged
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    records = submit(outbox, ["z1"], 50)
+    await eventually(lambda: outbox.committed_id >= records[-1].id, 5, "committed")
+    settings = uplink_settings(mosquitto, pki, port=port, client=client, reconnect_min=0.2, reconnect_max=0.4)
+    uplink = make_uplink(settings, outbox)
+    try:
+        async with running(uplink):
+            await eventually(lambda: uplink.connect_failures >= 2 or uplink.refused > 0, 10, "an attempt or more")
+            await asyncio.sleep(0.3)
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()
+    assert uplink.refused == 0 and outbox.quarantined == 0 and outbox.depth == 50
+    assert uplink.connect_failures >= 2
+
+
+@pytest.mark.timeout(60, method="thread")  # a stuck loop cannot take the signal: kill the run
+async def test_a_full_window_of_65535_with_a_command_subscription_does_not_hang_the_loop(
+        pki: LabPKI, outbox: Outbox, mosquitto: Mosquitto) -> None:
+    """``inflight_window`` may be 65535 and an MQTT 3.1.1 server announces no Receive Maximum: with the command
+    SUBSCRIBE holding one packet id, the 65,535th PUBLISH in flight found no free id and searched for one forever,
+    the event loop stuck (every device connection with it). A TLS server that reads everything and acknowledges
+    nothing fills the window."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+    ctx.load_verify_locations(cafile=str(pki.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    held: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        await reader.read(1)
+        writer.write(b"\x20\x02\x00\x00")  # CONNACK 3.1.1, accepted
+        while await reader.read(1 << 20):  # SUBSCRIBE and PUBLISHes, never answered
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=ctx)
+    port = server.sockets[0].getsockname()[1]
+    settings = uplink_settings(mosquitto, pki, port=port, protocol="3.1.1", inflight_window=65535,
+                               command_topic="{prefix}/+/cmd/#", keepalive=60)
+    uplink = make_uplink(settings, outbox)
+    try:
+        async with running(uplink):
+            for start in range(0, 65600, 5000):
+                submit(outbox, ["w1"], 5000, start)
+                await asyncio.sleep(0.05)
+            await eventually(lambda: uplink.inflight >= 65534, 30, "the window filled")
+            await asyncio.sleep(0.5)  # the loop still turns
+            assert uplink.connected and uplink.inflight == 65534
+    finally:
+        for w in held:
+            w.transport.abort()
+        server.close()

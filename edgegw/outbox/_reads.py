@@ -35,29 +35,39 @@ class UplinkReads(Admission):
         """Up to ``limit`` committed records with id > ``after_id``, oldest first, minus those being deleted."""
         # A delete may commit while the query runs, and the read snapshot may predate it; an id acknowledged before
         # the query started is in one of these sets at the start, so the union of both ends catches it.
-        gone = self._settled_ids()
-        # Rows being deleted still count against LIMIT in SQL; ask for that many more so a page is never short.
-        async with self._reader.execute(
-            f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(gone))
-        ) as cur:
-            rows = await cur.fetchall()
-        gone |= self._settled_ids()
-        return self._decode_rows(rows, gone, limit)
+        while True:
+            gone = self._settled_ids()
+            # Rows being deleted still count against LIMIT in SQL; ask for that many more so a page is never short.
+            async with self._reader.execute(
+                f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(gone))
+            ) as cur:
+                rows = list(await cur.fetchall())
+            gone |= self._settled_ids()
+            out = self._decode_rows(rows, gone, limit)
+            if out or not rows:
+                return out
+            # A page of rows all settled or undecodable (now quarantined): an empty answer would tell the uplink
+            # there is nothing left up to here, and the rows behind them would wait for the next connection.
+            after_id = rows[-1][0]
 
     async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int) -> list[Record]:
         """Like :meth:`fetch_after` within one priority class and ids in (``after_id``, ``upto_id``]."""
-        gone = self._settled_ids()
-        # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
-        # along the primary key.
-        async with self._reader.execute(
-            f"SELECT {_COLUMNS} FROM records"
-            f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
-            f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ? AND id <= ?"
-            " ORDER BY id LIMIT ?", (after_id, upto_id, limit + len(gone))
-        ) as cur:
-            rows = await cur.fetchall()
-        gone |= self._settled_ids()
-        return self._decode_rows(rows, gone, limit)
+        while True:
+            gone = self._settled_ids()
+            # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
+            # along the primary key.
+            async with self._reader.execute(
+                f"SELECT {_COLUMNS} FROM records"
+                f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
+                f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ?"
+                " AND id <= ? ORDER BY id LIMIT ?", (after_id, upto_id, limit + len(gone))
+            ) as cur:
+                rows = list(await cur.fetchall())
+            gone |= self._settled_ids()
+            out = self._decode_rows(rows, gone, limit)
+            if out or not rows:
+                return out
+            after_id = rows[-1][0]  # as in fetch_after: an empty answer would end the class here
 
     async def quarantine_unclassed(self) -> int:
         """At open: quarantine the rows whose priority is no class (a damaged file). The backlog is read class by

@@ -26,6 +26,7 @@ class Endpoint:
     rank: int
     failures: int = 0
     open_until: float = 0.0
+    tripped: bool = False  # the circuit opened and no connection succeeded since: after the cool-down, one trial
 
     @property
     def name(self) -> str:
@@ -67,14 +68,18 @@ class Endpoints:
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.failures = 0
         endpoint.open_until = 0.0
+        endpoint.tripped = False
 
     def failed(self, endpoint: Endpoint, now: float | None = None) -> bool:
         """Count a failure; True if this one opened the circuit."""
         now = time.monotonic() if now is None else now
         endpoint.failures += 1
-        if endpoint.failures >= self.breaker_failures and len(self.all) > 1:
+        # Half-open: a failed trial after the cool-down opens the circuit again at once, not after another
+        # breaker_failures attempts at an endpoint already known dead.
+        if (endpoint.tripped or endpoint.failures >= self.breaker_failures) and len(self.all) > 1:
             endpoint.open_until = now + self.cooldown
             endpoint.failures = 0
+            endpoint.tripped = True
             return True
         return False
 

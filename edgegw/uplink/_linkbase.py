@@ -65,7 +65,9 @@ class LinkBase:
         self.host, self.port = host, port
         self.failing_back = False
         self.mqtt5 = s.protocol == "5"
-        self.window = s.inflight_window
+        # One packet id of the 65,535 stays for the command SUBSCRIBE: with all of them in flight the next PUBLISH
+        # would look for a free one forever (the event loop stuck), as with a window of 65535 over MQTT 3.1.1.
+        self.window = min(s.inflight_window, 0xFFFF - 1)
         self.inflight: dict[int, Record | list[Record]] = {}  # packet id -> the record, or the records of a frame
         self.acks: list[int] = []  # acknowledged record ids, handed to the outbox once per socket read
         self.connack: asyncio.Future[str | None] = loop.create_future()  # None: accepted; else why refused

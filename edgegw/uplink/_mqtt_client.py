@@ -316,6 +316,10 @@ class NativeLink(LinkBase, asyncio.Protocol):
             self.connack.set_result(f"CONNACK refused: {reason_name(code)} (0x{code:02x})")
             return
         props = packet.properties
+        for pid in (PropertyId.RECEIVE_MAXIMUM, PropertyId.MAXIMUM_PACKET_SIZE):
+            if props.get(pid) == 0:  # MQTT 5 §3.2.2.3.3, §3.2.2.3.6: a Protocol Error, not a limit of nothing
+                # Taken as a limit, a Maximum Packet Size of 0 would quarantine every record of the outbox.
+                raise MQTTProtocolError(f"CONNACK with {pid.name.replace('_', ' ').title()} 0")
         receive_max = props.get(PropertyId.RECEIVE_MAXIMUM)
         if isinstance(receive_max, int) and 0 < receive_max < self.window:
             self.window = receive_max  # never more in flight than the server accepts (BRIEF §3.8)
@@ -324,6 +328,10 @@ class NativeLink(LinkBase, asyncio.Protocol):
         server_keepalive = props.get(PropertyId.SERVER_KEEP_ALIVE)
         if isinstance(server_keepalive, int) and server_keepalive > 0:
             self._keepalive = float(server_keepalive)  # MQTT-3.2.2-21: the server's value wins
+            # The timer armed at connect ticks at a quarter of ours: a shorter server value must rule from now,
+            # not from its first tick (keepalive 120 s, server 10 s: first check after 30 s, dropped after 15 s).
+            self._stop_timer()
+            self._arm_timer()
         self._connected = True
         self.connack.set_result(None)
         self._subscribe_commands()

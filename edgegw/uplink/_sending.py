@@ -28,7 +28,7 @@ from edgegw.uplink._wire import (
     expiry_left,
     upstream_topic,
 )
-from edgegw.uplink.frames import RECORD_COST, encode_frame, record_cost
+from edgegw.uplink.frames import RECORD_COST, encode_frame, frame_envelope, record_cost
 
 if TYPE_CHECKING:
     from edgegw.config import UplinkSettings
@@ -90,7 +90,15 @@ class Sending:
         limit_n = s.batch_max_records
         limit_b = s.batch_max_bytes
         if link.max_packet is not None:
-            limit_b = max(1024, min(limit_b, link.max_packet - 1024))
+            # Everything a frame's PUBLISH adds to its records' costs comes off the server's Maximum Packet Size, so
+            # a frame of records that fit is never refused as a whole (every record in it quarantined): the fixed
+            # header (at most 5 bytes), topic, packet id, properties, msgpack envelope and zlib's worst case.
+            compress = s.batch_compression == "zlib"
+            properties = _frame_properties(compress, limit_n) if link.mqtt5 else None
+            around = (5 + 2 + len(self._frame_topic().encode()) + 2
+                      + (len(properties.pack()) if properties is not None else 0)
+                      + frame_envelope(link.max_packet, compress))
+            limit_b = min(limit_b, link.max_packet - around)  # below one record's cost: frames of one record
         frames = 0
         delay: float | None = None
         linger = s.batch_linger_ms / 1000.0
@@ -140,11 +148,14 @@ class Sending:
         self._probe(link)
         return frames, delay
 
+    def _frame_topic(self) -> str:
+        s = self._settings
+        return f"{s.topic_prefix}/_batch" + ("/zlib" if s.batch_compression == "zlib" else "")
+
     def _send_frame(self, link: LinkBase, frame: list[tuple[Record, str, str | None]]) -> bool:
         """PUBLISH one frame; False if the link failed."""
-        s = self._settings
-        compress = s.batch_compression == "zlib"
-        topic = f"{s.topic_prefix}/_batch" + ("/zlib" if compress else "")
+        compress = self._settings.batch_compression == "zlib"
+        topic = self._frame_topic()
         payload = encode_frame(frame, compress)
         properties = _frame_properties(compress, len(frame)) if link.mqtt5 else None
         problem = _unsendable(topic, payload, properties, link.max_packet)

@@ -31,8 +31,21 @@ RECORD_COST = 32
 
 
 def record_cost(record: Record, topic: str, traceparent: str | None = None) -> int:
-    return (len(record.payload) + len(topic) + len(record.device_id) + RECORD_COST
+    # In bytes, as msgpack writes them: a topic or device id in Chinese takes three per character.
+    return (len(record.payload) + len(topic.encode()) + len(record.device_id.encode()) + RECORD_COST
             + (len(traceparent) + 2 if traceparent is not None else 0))
+
+
+_ENVELOPE = len(msgpack.packb({"v": FRAME_VERSION, "fields": list(FIELDS), "records": []}, use_bin_type=True)) + 4
+"""Bytes of a frame around its records: the map, version and field names, and the records' array header (an empty
+array's one byte grows to at most five)."""
+
+
+def frame_envelope(max_size: int, compress: bool) -> int:
+    """Bytes a frame's payload of at most ``max_size`` bytes adds to the sum of its :func:`record_cost`: the msgpack
+    envelope and, compressed, zlib's worst case on incompressible data (deflateBound: +1 per 4,096 bytes and then
+    some, +13 bytes of header and checksum)."""
+    return _ENVELOPE + (max_size // 2048 + 16 if compress else 0)
 
 
 def encode_frame(records: list[tuple[Record, str, str | None]], compress: bool) -> bytes:
