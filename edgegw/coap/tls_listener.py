@@ -11,7 +11,9 @@ an ordinary aiocoap ``TcpConnection`` (CSM, Ping/Pong, Release, Abort, message f
 token manager, so the resource site serves it like any aiocoap remote.
 
 Private aiocoap API used (pinned: aiocoap==0.4.17): ``transports.tcp.TcpConnection`` / ``TCPServer`` internals
-(``_spool``, ``_transport``, ``_my_max_message_size``, ``_pool``, ``_tokenmanager``).
+(``_spool``, ``_transport``, ``_my_max_message_size``, ``_pool``, ``_tokenmanager``; ``data_received``'s body is
+:meth:`DeviceConnection._feed`, with ``_extract_message_size``, ``_decode_message``, ``_process_signaling``,
+``_remote_settings``, ``_ctx._dispatch_incoming`` / ``_dispatch_error``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,22 @@ from typing import Any
 
 import structlog
 from aiocoap import COAPS_PORT
-from aiocoap.transports.tcp import TcpConnection, TCPServer, _extract_message_size, _serialize
+from aiocoap import error as coap_error
+from aiocoap.transports import rfc8323common
+from aiocoap.transports.tcp import (
+    TcpConnection,
+    TCPServer,
+    _decode_message,
+    _extract_message_size,
+    _serialize,
+)
 
 from edgegw.config import CoAPSettings
-from edgegw.identity import DeviceIdentity, describe_handshake_error, identity_from_peercert
+from edgegw.identity import (
+    DeviceIdentity,
+    describe_handshake_error,
+    identity_from_peercert,
+)
 from edgegw.mqtt._tls_listener import TLSListener as PlainListener
 
 log = structlog.get_logger("edgegw.coap")
@@ -110,27 +124,54 @@ class DeviceConnection(TcpConnection):
         self._feed()
 
     def _feed(self) -> None:
-        """Hand aiocoap the held bytes one message at a time, and none while reading is paused. aiocoap frames and
-        dispatches every message of a read at once: a device pipelining requests had as many awaiting their commit
-        as one read holds (2,000 with max_inflight = 4, measured), past max_inflight and the write high-water mark.
-        What is held waits for :meth:`_read_or_not` to read again (the device may send nothing more meanwhile)."""
+        """Frame and dispatch the held bytes as aiocoap's ``TcpConnection.data_received`` does (its body, pinned
+        0.4.17), but one message at a time and none while reading is paused: aiocoap dispatches every message of a
+        read at once, so a device pipelining requests had as many awaiting their commit as one read holds (2,000
+        with max_inflight = 4, measured), past max_inflight and the write high-water mark. What is held waits for
+        :meth:`_read_or_not` to read again (the device may send nothing more meanwhile). Framing here, not by
+        handing aiocoap one message at a time, keeps the hot path at one length parse and one copy per message."""
         held, pos = self._held, 0
+        n = len(held)
         try:
-            while self._reading and pos < len(held):
+            while self._reading and pos < n:
                 transport = self._transport
                 if transport is None or transport.is_closing():
-                    pos = len(held)  # closed meanwhile (an Abort, a refused device): the rest is not served
+                    pos = n  # closed meanwhile (an Abort, a refused device): the rest is not served
                     break
                 size = _extract_message_size(held[pos:pos + 5])  # the length field: 1 + at most 4 bytes
                 if size is None:
                     break
                 end = pos + sum(size)
-                if end > len(held) and end - pos <= self._my_max_message_size:
-                    break  # the rest of this message is still to come (an oversized one goes on: aiocoap aborts)
-                message, pos = bytes(held[pos:end]), min(end, len(held))
-                super().data_received(message)
+                if end - pos > self._my_max_message_size:
+                    pos = n
+                    self.abort("Overly large message announced")
+                    break
+                if end > n:
+                    break  # the rest of this message is still to come
+                try:
+                    msg = _decode_message(bytes(held[pos:end]))
+                except coap_error.UnparsableMessage:
+                    pos = n
+                    self.abort("Failed to parse message")
+                    break
+                pos = end
+                msg.remote = self
+                if msg.code.is_signalling():
+                    try:
+                        self._process_signaling(msg)
+                    except rfc8323common.CloseConnection as exc:
+                        pos = n
+                        self._ctx._dispatch_error(self, exc.args[0])
+                        transport.close()
+                        break
+                    continue
+                if self._remote_settings is None:
+                    pos = n
+                    self.abort("No CSM received")
+                    break
+                self._ctx._dispatch_incoming(self, msg)
         except Exception as exc:  # noqa: BLE001 - junk must close this connection, never reach the loop
-            pos = len(held)
+            pos = n
             log.warning("coap.protocol_error", peer=self.peer, device_id=self._device_id, error=repr(exc)[:200])
             self.close()
         finally:
