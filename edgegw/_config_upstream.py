@@ -35,6 +35,13 @@ class OutboxSettings:
     full_policy: Literal["drop-oldest", "reject-new"] = "drop-oldest"
     """When full: evict the oldest records of the device holding the most, or refuse new records (MQTT 5 PUBACK
     0x97, backpressure on 3.1.1). A device over its fair share is refused first."""
+    quarantine_max_records: int = 100_000
+    """Rows kept in the ``quarantine`` table (records the upstream refused, or that could not be read back). A move
+    that would pass it deletes the oldest quarantined rows in the same transaction (counted per device in
+    ``quarantine_dropped``): a device the upstream keeps refusing must not fill the disk."""
+    quarantine_max_bytes: int = 64 * 1024 * 1024
+    """Bytes kept in the ``quarantine`` table (payload + topic + device id + properties + reason + 64 per row);
+    past it, as for ``quarantine_max_records``."""
 
     def __post_init__(self) -> None:
         if self.commit_window_ms < 0:
@@ -48,6 +55,9 @@ class OutboxSettings:
             raise ConfigError("outbox.ttl", f"must be >= 0 (0: no limit), got {self.ttl}")
         if self.min_free_bytes < 0:
             raise ConfigError("outbox.min_free_bytes", f"must be >= 0, got {self.min_free_bytes}")
+        _positive("outbox.quarantine_max_records", self.quarantine_max_records)
+        if self.quarantine_max_bytes < 4096:
+            raise ConfigError("outbox.quarantine_max_bytes", f"must be >= 4096, got {self.quarantine_max_bytes}")
         if not 0 < self.lock_timeout <= 600:
             raise ConfigError("outbox.lock_timeout", f"must be > 0 and <= 600 seconds, got {self.lock_timeout}")
 

@@ -76,6 +76,7 @@ def test_health_metrics_and_api_of_a_running_gateway(mosquitto: Mosquitto, gatew
         status, body = get_json(port, "/api/outbox")
         assert status == 200
         assert body["committed_records"] >= 50 and body["depth"] >= 0 and body["quarantined"] == 0
+        assert body["quarantine_dropped"] == {}
 
         status, body = get_json(port, "/api/quarantine?limit=10")
         assert status == 200 and body == {"count": 0, "records": []}
@@ -217,26 +218,28 @@ def test_asyncapi_document_from_the_config(mosquitto: Mosquitto, gateway_factory
 
 def test_quarantine_lists_records_the_upstream_refused(mosquitto_factory: Any, gateway_factory: Any,
                                                       fleet: Fleet) -> None:
-    # The cloud only accepts cloud/dev-06/ok/...: everything else gets PUBACK 0x87 and is quarantined.
+    # The cloud only accepts cloud/dev-06/ok/...: everything else gets PUBACK 0x87 and is quarantined, where only
+    # the most recent refusal is kept (outbox.quarantine_max_records = 1).
     broker = mosquitto_factory(acl="user uplink\ntopic write cloud/dev-06/ok/#\n").start()
-    gw, port = admin_gateway(gateway_factory, broker)
+    gw, port = admin_gateway(gateway_factory, broker, outbox={"quarantine_max_records": 1})
     device = PahoDevice(fleet, gw.port, "dev-06")
     try:
-        infos = [device.client.publish("devices/dev-06/ok/t", b"fine", qos=1),
-                 device.client.publish("devices/dev-06/secret", b"refused-payload", qos=1)]
-        for info in infos:
-            info.wait_for_publish(10)
+        for topic, payload in (("ok/t", b"fine"), ("secret/old", b"refused-first"), ("secret", b"refused-payload")):
+            device.client.publish(f"devices/dev-06/{topic}", payload, qos=1).wait_for_publish(10)
     finally:
         device.close()
-    wait_until(lambda: get_json(port, "/api/quarantine")[1]["count"] == 1, 15, what="one quarantined record")
+    wait_until(lambda: get_json(port, "/api/outbox")[1]["quarantine_dropped"] == {"dev-06": 1}, 15,
+               what="the older refusal dropped from the quarantine")
     status, body = get_json(port, "/api/quarantine")
+    assert body["count"] == 1
     record = body["records"][0]
     assert record["device_id"] == "dev-06" and record["topic"] == "devices/dev-06/secret"
     assert "0x87" in record["reason"] or "87" in record["reason"], record
     assert record["payload_bytes"] == len(b"refused-payload") and "payload" not in record
     m = metrics(port)
     assert sample(m, "edgegw_quarantine_records") == 1
-    assert sample(m, "edgegw_uplink_refused_total") == 1
+    assert sample(m, "edgegw_uplink_refused_total") == 2
+    assert sample(m, "edgegw_outbox_quarantine_dropped_records_total") == 1
     status, stats = get_json(port, "/api/stats")
     assert any(r["event"] == "uplink.publish_refused" for r in stats["refusals"])
     assert gw.terminate() == 0

@@ -183,6 +183,129 @@ async def test_expired_records_are_deleted_and_counted(make, tmp_path: Path) -> 
     await run.close()
 
 
+# --- the quarantine table -------------------------------------------------------------------------------------
+
+
+def quarantined(path: Path) -> list[tuple[int, str, bytes]]:
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT id, device_id, payload FROM quarantine ORDER BY id").fetchall()
+
+
+def quarantined_bytes(path: Path) -> int:
+    """The quarantine's bytes as the outbox counts them, recomputed from the file."""
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT coalesce(sum(length(CAST(payload AS BLOB)) + length(CAST(topic AS BLOB))"
+                          f" + length(CAST(device_id AS BLOB)) + coalesce(length(properties), 0)"
+                          f" + length(CAST(reason AS BLOB)) + {RECORD_OVERHEAD}), 0) FROM quarantine").fetchone()[0]
+
+
+async def refuse(run: Running, device: str, payloads: list[bytes]) -> list[int]:
+    """Commit these records, then quarantine them all as a refusing upstream would (PUBACK 0x97)."""
+    box = run.outbox
+    ids = [box.submit(device, f"devices/{device}/t", p, 1).id for p in payloads]
+    await run.settle()
+    moved = box.quarantined + len(ids)
+    for rid in ids:
+        box.quarantine(rid, "refused upstream: 0x97 Quota exceeded")
+    # counted once the move committed (settle() cannot see a move under way: the writer took it off the queue)
+    await eventually(lambda: box.quarantined == moved, 10, "the moves into quarantine")
+    return ids
+
+
+async def test_quarantine_is_capped_by_rows_oldest_first_across_a_restart(make, tmp_path: Path) -> None:
+    """A device the upstream keeps refusing filled the quarantine table without limit (only the command-line purge
+    deleted from it). Past ``quarantine_max_records`` the oldest rows go, in the moving transaction, counted per
+    device, with one warning per 10 s; the cap holds after a restart (the counts are rebuilt from the file)."""
+    db = tmp_path / "outbox.db"
+    run = await make(quarantine_max_records=10)
+    box = run.outbox
+    with structlog.testing.capture_logs() as logs:
+        quiet = await refuse(run, "quiet", [b"q%d" % i for i in range(4)])
+        noisy = await refuse(run, "noisy", [b"n%d" % i for i in range(8)])
+        noisy += await refuse(run, "noisy", [b"n%d" % i for i in range(8, 20)])
+    kept = quarantined(db)
+    assert [rid for rid, _, _ in kept] == noisy[-10:], "not the most recent rows"
+    assert box.quarantine_dropped == {"quiet": 4, "noisy": 10}
+    assert box.quarantined == 24 and box.quarantine_held == (10, quarantined_bytes(db))
+    full = [e for e in logs if e["event"] == "outbox.quarantine_full"]
+    assert len(full) == 1 and full[0]["log_level"] == "warning", full  # rate-limited: never one line per record
+    assert box.depth == 0, "quarantined records are still in the queue"
+    await run.close()
+
+    run = await make(quarantine_max_records=10)  # same file
+    box = run.outbox
+    assert box.quarantine_held == (10, quarantined_bytes(db))
+    later = await refuse(run, "quiet", [b"Q%d" % i for i in range(3)])
+    assert [rid for rid, _, _ in quarantined(db)] == noisy[-7:] + later
+    assert box.quarantine_dropped == {"noisy": 3}
+    assert box.quarantine_held == (10, quarantined_bytes(db))
+    await run.close()
+    assert quiet[0] < noisy[0]
+
+
+async def test_quarantine_is_capped_by_bytes_oldest_first_across_a_restart(make, tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    cap = 20_000
+    run = await make(quarantine_max_bytes=cap)
+    box = run.outbox
+    ids = await refuse(run, "a", [b"%04d" % i + b"x" * 996 for i in range(30)])  # ~1.1 kB per row
+    assert box.quarantine_held[1] == quarantined_bytes(db) <= cap
+    kept = quarantined(db)
+    assert len(kept) < 20 and [rid for rid, _, _ in kept] == ids[-len(kept):], "not the oldest first"
+    assert box.quarantine_dropped == {"a": 30 - len(kept)}
+    await run.close()
+
+    run = await make(quarantine_max_bytes=cap)
+    box = run.outbox
+    assert box.quarantine_held == (len(kept), quarantined_bytes(db))
+    more = await refuse(run, "b", [b"y" * 3000 for _ in range(3)])
+    held = box.quarantine_held
+    assert held == (len(quarantined(db)), quarantined_bytes(db)) and held[1] <= cap
+    assert [rid for rid, _, _ in quarantined(db)][-3:] == more
+    # just enough of the oldest rows went: one more of them would have fitted
+    assert cap - held[1] < len(b"x" * 1000) + 200
+    assert set(box.quarantine_dropped) == {"a"}
+    await run.close()
+
+
+async def test_a_quarantined_row_larger_than_the_byte_cap_is_not_kept(make, tmp_path: Path) -> None:
+    run = await make(quarantine_max_bytes=4096)
+    box = run.outbox
+    await refuse(run, "a", [b"small"])
+    await refuse(run, "b", [b"z" * 5000])
+    assert quarantined(tmp_path / "outbox.db") == []
+    assert box.quarantine_dropped == {"a": 1, "b": 1} and box.quarantine_held == (0, 0)
+    await run.close()
+
+
+async def test_quarantine_counts_survive_a_failed_commit(make, tmp_path: Path) -> None:
+    """A group that moved and trimmed quarantined rows and then failed (a full disk, an I/O error; here a trigger
+    failing the delete from ``records`` that follows the move) is rolled back: the counts in memory must follow the
+    file, not the transaction that never happened."""
+    db = tmp_path / "outbox.db"
+    run = await make(quarantine_max_records=3)
+    box = run.outbox
+    await refuse(run, "a", [b"1", b"2", b"3"])
+    ids = [box.submit("b", "devices/b/t", b"x" * 100, 1).id for _ in range(2)]
+    await run.settle()
+    held = box.quarantine_held
+    with sqlite3.connect(db, timeout=5) as other:
+        other.execute("CREATE TRIGGER fail BEFORE DELETE ON records WHEN old.device_id = 'b'"
+                      " BEGIN SELECT RAISE(ABORT, 'simulated I/O error'); END")
+    with structlog.testing.capture_logs() as logs:
+        for rid in ids:
+            box.quarantine(rid, "refused upstream: 0x97 Quota exceeded")
+        await eventually(lambda: any(e["event"] == "outbox.commit_failed" for e in logs), 5, "a failed commit")
+        await asyncio.sleep(0.2)  # the rollback and the recount after it
+        assert box.quarantine_held == held == (3, quarantined_bytes(db)) and box.quarantine_dropped == {}
+        with sqlite3.connect(db, timeout=5) as other:
+            other.execute("DROP TRIGGER fail")
+        await eventually(lambda: box.quarantined == 5, 10, "the moves to commit once the trigger is gone")
+    assert box.quarantine_held == (3, quarantined_bytes(db)) and box.quarantine_dropped == {"a": 2}
+    assert [d for _, d, _ in quarantined(db)] == ["a", "b", "b"]
+    await run.close()
+
+
 # --- the disk guard -------------------------------------------------------------------------------------------
 
 

@@ -31,7 +31,9 @@ OUTBOX_SCHEMA = {"type": "object", "properties": {
     "dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
     "expired": {"type": "object", "additionalProperties": {"type": "integer"}},
     "rejected": {"type": "object", "additionalProperties": {"type": "integer"}},
-    "quarantined": {"type": ["integer", "null"]}, "path": {"type": "string"}}}
+    "quarantined": {"type": ["integer", "null"]},
+    "quarantine_dropped": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "path": {"type": "string"}}}
 UPLINK_SCHEMA = {"type": "object", "properties": {
     "state": {"type": "string", "enum": ["connecting", "connected", "down"]},
     "endpoint": {"type": ["string", "null"]}, "rtt_seconds": {"type": ["number", "null"]},

@@ -243,6 +243,7 @@ class AdminServer(DeviceHandlers):
             "dropped": dict(getattr(outbox, "dropped", {}) or {}),
             "expired": dict(getattr(outbox, "expired", {}) or {}),
             "rejected": dict(getattr(outbox, "rejected", {}) or {}), "quarantined": facts.quarantine_count,
+            "quarantine_dropped": dict(getattr(outbox, "quarantine_dropped", {}) or {}),
         }
 
     async def outbox(self, request: Request) -> Response:

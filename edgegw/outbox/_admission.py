@@ -69,6 +69,8 @@ class Admission:
     _byte_limit: int
     _disk_limited: bool
     _full_logged: float
+    _quarantine_rows: int
+    _quarantine_bytes: int
     dropped: dict[str, int]
     rejected: dict[str, int]
 
@@ -203,6 +205,11 @@ class Admission:
     def byte_limit(self) -> int:
         """``max_bytes``, or less when the disk headroom guard applies."""
         return self._byte_limit
+
+    @property
+    def quarantine_held(self) -> tuple[int, int]:
+        """(rows, bytes) in the quarantine table, as counted against ``quarantine_max_records`` / ``_bytes``."""
+        return self._quarantine_rows, self._quarantine_bytes
 
     def usage(self, device_id: str) -> tuple[int, int]:
         """(records, bytes) this device holds in the outbox."""

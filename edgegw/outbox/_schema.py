@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+QUARANTINE_SIZE = ("length(CAST(payload AS BLOB)) + length(CAST(topic AS BLOB)) + length(CAST(device_id AS BLOB))"
+                   f" + coalesce(length(properties), 0) + length(CAST(reason AS BLOB)) + {RECORD_OVERHEAD}")
+"""Bytes a quarantined row counts against ``outbox.quarantine_max_bytes`` (SQL over its columns: the table has no
+size column, and the same expression serves the count at open, the moves and the deletes)."""
+
 _MIGRATE_1_TO_2 = f"""
 ALTER TABLE records ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE records ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
@@ -76,6 +81,7 @@ class Opened:
     reader: aiosqlite.Connection
     next_id: int
     usage: dict[str, list[int]]  # device -> [records, bytes]
+    quarantine: tuple[int, int]  # rows, bytes (QUARANTINE_SIZE) in the quarantine table
 
 
 def device_key(raw: bytes | str) -> str:
@@ -151,11 +157,13 @@ async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
                 entry = usage.setdefault(device_key(device), [0, 0])
                 entry[0] += count
                 entry[1] += size or 0
+        async with writer.execute(f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine") as cur:
+            quarantine_rows, quarantine_bytes = await cur.fetchone()  # type: ignore[misc]
         await writer.execute("BEGIN")  # the writer always holds an open transaction between group commits
         reader = await aiosqlite.connect(path, timeout=lock_timeout, isolation_level=None)
         reader.text_factory = bytes
         await reader.execute("PRAGMA query_only=1")
-        return Opened(writer, reader, high + 1, usage)
+        return Opened(writer, reader, high + 1, usage, (quarantine_rows, quarantine_bytes))
     except BaseException as exc:
         for conn in (reader, writer):
             if conn is not None:

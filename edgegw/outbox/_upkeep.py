@@ -17,7 +17,7 @@ import aiosqlite
 import structlog
 
 from edgegw.config import OutboxSettings
-from edgegw.outbox._schema import device_key
+from edgegw.outbox._schema import QUARANTINE_SIZE, device_key
 
 _DISK_CHECK_EVERY = 0.5  # seconds between statvfs calls (one per group commit at most)
 _EXPIRE_EVERY = 1.0  # seconds between TTL sweeps
@@ -29,6 +29,8 @@ _IDS = "(SELECT value FROM json_each(?))"
 _RUNS_PER_STATEMENT = 8
 """Acknowledged ids go to SQL as up to this many ``id BETWEEN`` ranges (the uplink acknowledges in id order, so a
 group's deletes are a run or a few); more scattered ids as a JSON list."""
+_QUARANTINE_BATCH = 4096  # quarantined rows deleted per statement when the table is over a cap
+_QUARANTINE_LOG_EVERY = 10.0  # seconds between outbox.quarantine_full warnings: never one line per record
 _DELETED_BY_DEVICE = "SELECT CAST(device_id AS BLOB), count(*), sum(size) FROM records WHERE {} GROUP BY device_id"
 
 
@@ -94,6 +96,10 @@ class Upkeep:
     _vacuum_due: bool
     _to_delete: set[int]
     _pending: list[tuple[Any, tuple[Any, ...], Any]]
+    _quarantine_rows: int
+    _quarantine_bytes: int
+    _quarantine_full_logged: float
+    quarantine_dropped: dict[str, int]
     vacuumed_pages: int
     free_bytes: Callable[[Path], int]
 
@@ -183,6 +189,71 @@ class Upkeep:
                 continue
             await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(ids),), dropped)
 
+    async def _move_to_quarantine(self, quarantine: list[tuple[int, str]], dropped: dict[str, int]) -> set[int]:
+        """Copy these records (id, reason) into the quarantine table, then delete its oldest rows while it is over
+        ``quarantine_max_records`` / ``quarantine_max_bytes``; returns the ids to delete from ``records``."""
+        moved = dict(quarantine)  # one move per id (a record may be asked twice): the last reason, as REPLACE keeps
+        ids = json.dumps(list(moved))
+        before = await self._quarantined(ids)  # a row being replaced (never expected) is not counted twice
+        await self._writer.executemany(
+            "INSERT OR REPLACE INTO quarantine SELECT id, coalesce(device_id, ''), coalesce(topic, ''),"
+            " coalesce(payload, x''), coalesce(qos, 0), coalesce(received_at, 0), properties, ?, ?"
+            " FROM records WHERE id=?",
+            [(reason, time.time(), rid) for rid, reason in moved.items()])
+        after = await self._quarantined(ids)  # records already acknowledged and deleted were not copied
+        self._quarantine_rows += after[0] - before[0]
+        self._quarantine_bytes += after[1] - before[1]
+        await self._trim_quarantine(dropped)
+        return set(moved)
+
+    async def _quarantined(self, ids: str) -> tuple[int, int]:
+        """(rows, bytes) in the quarantine table among these ids (a JSON list)."""
+        async with self._writer.execute(f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine"
+                                        f" WHERE id IN {_IDS}", (ids,)) as cur:
+            row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def _trim_quarantine(self, dropped: dict[str, int]) -> None:
+        """Past ``quarantine_max_records`` or ``quarantine_max_bytes``: delete the oldest quarantined rows (lowest
+        ids: ids follow arrival, and the primary key needs no index or sort), so the table keeps the most recent
+        evidence. A device the upstream keeps refusing would otherwise fill the disk, and eat the disk guard's room
+        for every device."""
+        s = self._settings
+        for _ in range(256):
+            over_rows = self._quarantine_rows - s.quarantine_max_records
+            over_bytes = self._quarantine_bytes - s.quarantine_max_bytes
+            if over_rows <= 0 and over_bytes <= 0:
+                return
+            want = max(1, over_rows)
+            if over_bytes > 0:  # enough average-sized rows to get under the byte cap (the loop takes more if needed)
+                avg = max(1, self._quarantine_bytes // max(1, self._quarantine_rows))
+                want = max(want, -(-over_bytes // avg))
+            async with self._writer.execute(
+                    "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"
+                    f" RETURNING CAST(device_id AS BLOB), {QUARANTINE_SIZE}", (min(want, _QUARANTINE_BATCH),)) as cur:
+                rows = await cur.fetchall()
+            if not rows:  # the table is empty: nothing more to take
+                self._quarantine_rows = self._quarantine_bytes = 0
+                return
+            for raw, size in rows:
+                device = device_key(raw)
+                dropped[device] = dropped.get(device, 0) + 1
+                self._quarantine_rows -= 1
+                self._quarantine_bytes -= size
+
+    def _log_quarantine_full(self, dropped: dict[str, int]) -> None:
+        """After a commit that deleted quarantined rows: one warning per _QUARANTINE_LOG_EVERY at most (the counts
+        are in ``quarantine_dropped`` either way)."""
+        now = time.monotonic()
+        if now - self._quarantine_full_logged >= _QUARANTINE_LOG_EVERY:
+            self._quarantine_full_logged = now
+            s = self._settings
+            self._log.warning("outbox.quarantine_full", device_id=max(dropped, key=dropped.__getitem__),
+                              dropped=sum(dropped.values()), quarantine_dropped=sum(self.quarantine_dropped.values()),
+                              rows=self._quarantine_rows, bytes=self._quarantine_bytes,
+                              max_records=s.quarantine_max_records, max_bytes=s.quarantine_max_bytes,
+                              action="the oldest quarantined rows were deleted")
+
     async def _recount(self) -> None:
         """After a failed transaction: usage from the file plus what awaits commit."""
         usage: dict[str, list[int]] = {}
@@ -193,8 +264,13 @@ class Upkeep:
                     u = usage.setdefault(device_key(raw), [0, 0])
                     u[0] += count
                     u[1] += size or 0
+            async with self._writer.execute(
+                    f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine") as cur:
+                quarantine = await cur.fetchone()
         except sqlite3.Error:
             return  # keep the old counts; the next failure or success corrects them
+        if quarantine is not None:  # the failed transaction's moves and deletes were rolled back
+            self._quarantine_rows, self._quarantine_bytes = int(quarantine[0]), int(quarantine[1])
         for record, row, _ in self._pending:
             u = usage.setdefault(record.device_id, [0, 0])
             u[0] += 1

@@ -202,6 +202,7 @@ class GroupWriter(Admission, Upkeep):
         ok = True
         expired: dict[str, int] = {}
         dropped: dict[str, int] = {}
+        quarantine_dropped: dict[str, int] = {}
         # The group's columns in one C-level pass instead of a comprehension (or a loop) over the records for each.
         records, rows, on_commits = zip(*group) if group else ((), (), ())
         # The common group (inserts and deletes, no upkeep due): one hop to the SQLite thread for the whole
@@ -214,7 +215,8 @@ class GroupWriter(Admission, Upkeep):
                 self._forget_counted(await self._writer._execute(  # aiosqlite is pinned exactly (pyproject.toml)
                     self._write_group, deletes, rows))
             else:
-                await self._commit_slow(group, deletes, quarantine, expire, now, expired, dropped)
+                await self._commit_slow(group, deletes, quarantine, expire, now, expired, dropped,
+                                        quarantine_dropped)
         except sqlite3.Error as exc:
             ok = False
             self._log.error("outbox.commit_failed", path=str(self._settings.path), error=str(exc),
@@ -237,9 +239,10 @@ class GroupWriter(Admission, Upkeep):
             self.commits += 1
             self.committed_records += len(group)
             self.quarantined += len(quarantine)
-            if deletes or expired or dropped:
+            if deletes or expired or dropped or quarantine_dropped:
                 self._vacuum_due = True
-            for counts, into in ((expired, self.expired), (dropped, self.dropped)):
+            for counts, into in ((expired, self.expired), (dropped, self.dropped),
+                                 (quarantine_dropped, self.quarantine_dropped)):
                 for device, n in counts.items():
                     into[device] = into.get(device, 0) + n
             if expired:
@@ -247,6 +250,8 @@ class GroupWriter(Admission, Upkeep):
                                   ttl=self._settings.ttl)
             if dropped:
                 self._log_full("evicted", max(dropped, key=dropped.__getitem__))
+            if quarantine_dropped:
+                self._log_quarantine_full(quarantine_dropped)
             if group:
                 before = self._committed_id
                 self._committed_id = group[-1][0].id
@@ -290,15 +295,11 @@ class GroupWriter(Admission, Upkeep):
 
     async def _commit_slow(self, group: list[_Pending], deletes: set[int],
                            quarantine: list[tuple[int, str]], expire: bool, now: float, expired: dict[str, int],
-                           dropped: dict[str, int]) -> None:
-        """A group transaction with upkeep (quarantine, TTL sweep, disk check, eviction): statement by statement."""
+                           dropped: dict[str, int], quarantine_dropped: dict[str, int]) -> None:
+        """A group transaction with upkeep (quarantine and its caps, TTL sweep, disk check, eviction): statement by
+        statement."""
         if quarantine:
-            await self._writer.executemany(
-                "INSERT OR REPLACE INTO quarantine SELECT id, coalesce(device_id, ''), coalesce(topic, ''),"
-                " coalesce(payload, x''), coalesce(qos, 0), coalesce(received_at, 0), properties, ?, ?"
-                " FROM records WHERE id=?",
-                [(reason, time.time(), rid) for rid, reason in quarantine])
-            deletes = deletes | {rid for rid, _ in quarantine}
+            deletes = deletes | await self._move_to_quarantine(quarantine, quarantine_dropped)
         if deletes:
             conn = self._writer._conn
             self._forget_counted(await self._writer._execute(delete_acknowledged, conn, deletes))

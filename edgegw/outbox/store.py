@@ -102,6 +102,9 @@ class Outbox(UplinkReads, GroupWriter):
         self._expire_due = 0.0
         self._vacuum_due = True
         self._full_logged = 0.0
+        # the quarantine table, counted like the records (rebuilt at open) so a move needs no count query
+        self._quarantine_rows, self._quarantine_bytes = opened.quarantine
+        self._quarantine_full_logged = 0.0
         self.commits = 0
         self.committed_records = 0
         self.dropped: dict[str, int] = {}
@@ -112,6 +115,9 @@ class Outbox(UplinkReads, GroupWriter):
         """Records refused at :meth:`submit` (:class:`OutboxFull`), per device."""
         self.quarantined = 0
         """Records moved to the quarantine table by this process (refused upstream or undecodable)."""
+        self.quarantine_dropped: dict[str, int] = {}
+        """Quarantined rows deleted, oldest first, to keep the table within ``quarantine_max_records`` /
+        ``quarantine_max_bytes``, per device."""
         self.vacuumed_pages = 0
 
     # --- opening ---------------------------------------------------------------------------------------------
@@ -126,7 +132,8 @@ class Outbox(UplinkReads, GroupWriter):
         await outbox.quarantine_unclassed()
         outbox._log.info("outbox.opened", path=str(path), depth=outbox._count, bytes=outbox._bytes,
                          next_id=opened.next_id, synchronous=settings.synchronous, devices=len(outbox._usage),
-                         byte_limit=outbox._byte_limit, full_policy=settings.full_policy)
+                         byte_limit=outbox._byte_limit, full_policy=settings.full_policy,
+                         quarantine_rows=outbox._quarantine_rows, quarantine_bytes=outbox._quarantine_bytes)
         return outbox
 
     # --- closing --------------------------------------------------------------------------------------------
@@ -147,7 +154,8 @@ class Outbox(UplinkReads, GroupWriter):
         await self._writer.close()
         self._log.info("outbox.closed", depth=self._count, commits=self.commits,
                        dropped=sum(self.dropped.values()), expired=sum(self.expired.values()),
-                       rejected=sum(self.rejected.values()), quarantined=self.quarantined)
+                       rejected=sum(self.rejected.values()), quarantined=self.quarantined,
+                       quarantine_dropped=sum(self.quarantine_dropped.values()))
 
 
 def _check_writable(path: Path) -> None:
