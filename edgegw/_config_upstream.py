@@ -37,8 +37,9 @@ class OutboxSettings:
     0x97, backpressure on 3.1.1). A device over its fair share is refused first."""
     quarantine_max_records: int = 100_000
     """Rows kept in the ``quarantine`` table (records the upstream refused, or that could not be read back). A move
-    that would pass it deletes the oldest quarantined rows in the same transaction (counted per device in
-    ``quarantine_dropped``): a device the upstream keeps refusing must not fill the disk."""
+    that would pass it deletes the oldest quarantined rows of the device holding the most in the same transaction
+    (counted per device in ``quarantine_dropped``): a device the upstream keeps refusing must not fill the disk,
+    nor delete another device's rows."""
     quarantine_max_bytes: int = 64 * 1024 * 1024
     """Bytes kept in the ``quarantine`` table (payload + topic + device id + properties + reason + 64 per row);
     past it, as for ``quarantine_max_records``."""

@@ -269,6 +269,7 @@ async def test_version_1_file_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(target) as db:
         assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "2"
+        assert db.execute("SELECT 1 FROM sqlite_master WHERE name='quarantine_by_device'").fetchone() == (1,)
 
 
 def test_record_is_frozen_with_its_own_constructor() -> None:

@@ -214,8 +214,9 @@ async def refuse(run: Running, device: str, payloads: list[bytes]) -> list[int]:
 
 async def test_quarantine_is_capped_by_rows_oldest_first_across_a_restart(make, tmp_path: Path) -> None:
     """A device the upstream keeps refusing filled the quarantine table without limit (only the command-line purge
-    deleted from it). Past ``quarantine_max_records`` the oldest rows go, in the moving transaction, counted per
-    device, with one warning per 10 s; the cap holds after a restart (the counts are rebuilt from the file)."""
+    deleted from it). Past ``quarantine_max_records`` the oldest rows of the device holding the most go, in the
+    moving transaction, counted per device, with one warning per 10 s; the cap holds after a restart (the counts
+    are rebuilt from the file)."""
     db = tmp_path / "outbox.db"
     run = await make(quarantine_max_records=10)
     box = run.outbox
@@ -224,8 +225,8 @@ async def test_quarantine_is_capped_by_rows_oldest_first_across_a_restart(make, 
         noisy = await refuse(run, "noisy", [b"n%d" % i for i in range(8)])
         noisy += await refuse(run, "noisy", [b"n%d" % i for i in range(8, 20)])
     kept = quarantined(db)
-    assert [rid for rid, _, _ in kept] == noisy[-10:], "not the most recent rows"
-    assert box.quarantine_dropped == {"quiet": 4, "noisy": 10}
+    assert [rid for rid, _, _ in kept] == quiet + noisy[-6:], "not the heaviest device's oldest rows"
+    assert box.quarantine_dropped == {"noisy": 14}
     assert box.quarantined == 24 and box.quarantine_held == (10, quarantined_bytes(db))
     full = [e for e in logs if e["event"] == "outbox.quarantine_full"]
     assert len(full) == 1 and full[0]["log_level"] == "warning", full  # rate-limited: never one line per record
@@ -236,11 +237,65 @@ async def test_quarantine_is_capped_by_rows_oldest_first_across_a_restart(make, 
     box = run.outbox
     assert box.quarantine_held == (10, quarantined_bytes(db))
     later = await refuse(run, "quiet", [b"Q%d" % i for i in range(3)])
-    assert [rid for rid, _, _ in quarantined(db)] == noisy[-7:] + later
-    assert box.quarantine_dropped == {"noisy": 3}
+    # quiet now holds the most (7 to 6): its own oldest go first, then noisy's once they are level
+    assert [rid for rid, _, _ in quarantined(db)] == quiet[2:] + noisy[-5:] + later
+    assert box.quarantine_dropped == {"quiet": 2, "noisy": 1}
     assert box.quarantine_held == (10, quarantined_bytes(db))
     await run.close()
     assert quiet[0] < noisy[0]
+
+
+async def test_quarantine_cap_takes_from_the_device_holding_the_most_across_a_restart(make, tmp_path: Path) -> None:
+    """The cap deleted the oldest rows of the whole table: a device the upstream keeps refusing deleted every
+    other device's quarantined evidence (one device must never evict another's data). Now the oldest rows of the
+    device holding the most go, as drop-oldest does for records; after a restart too, on a file made before the
+    ``quarantine_by_device`` index (it is created at open)."""
+    db = tmp_path / "outbox.db"
+    run = await make(quarantine_max_records=20)
+    box = run.outbox
+    quiet = await refuse(run, "quiet", [b"q%d" % i for i in range(5)])
+    noisy: list[int] = []
+    for first in range(0, 50, 10):  # several moving transactions, each past the cap
+        noisy += await refuse(run, "noisy", [b"n%d" % i for i in range(first, first + 10)])
+    assert [rid for rid, _, _ in quarantined(db)] == quiet + noisy[-15:], "quiet lost rows to noisy"
+    assert box.quarantine_dropped == {"noisy": 35}
+    assert box.quarantine_held == (20, quarantined_bytes(db))
+    await run.close()
+    with sqlite3.connect(db) as other:  # as a file made before the index was
+        other.execute("DROP INDEX quarantine_by_device")
+
+    run = await make(quarantine_max_records=20)  # same file
+    box = run.outbox
+    with sqlite3.connect(db) as other:
+        assert other.execute("SELECT sql FROM sqlite_master WHERE name='quarantine_by_device'").fetchone() == (
+            "CREATE INDEX quarantine_by_device ON quarantine (device_id, id)",)
+    assert box.quarantine_held == (20, quarantined_bytes(db))
+    more = await refuse(run, "noisy", [b"N%d" % i for i in range(10)])
+    later = await refuse(run, "quiet", [b"Q0"])
+    assert [rid for rid, _, _ in quarantined(db)] == quiet + noisy[-4:] + more + later
+    assert box.quarantine_dropped == {"noisy": 11}
+    assert box.quarantine_held == (20, quarantined_bytes(db))
+    await run.close()
+
+
+async def test_quarantine_cap_finds_the_rows_of_a_damaged_device_id(make, tmp_path: Path) -> None:
+    """Quarantined rows whose device id is not valid UTF-8, or not even stored as text (a damaged file), are still
+    found by the id's bytes and trimmed first when that device holds the most; the counts stay those of the file."""
+    db = tmp_path / "outbox.db"
+    await (await make()).close()  # a file with the schema
+    with sqlite3.connect(db) as other:
+        for rid, device in [(1, "CAST(x'61ff' AS TEXT)"), (2, "CAST(x'61ff' AS TEXT)")] + [
+                (rid, "x'61ff'") for rid in range(3, 7)]:
+            other.execute(f"INSERT INTO quarantine VALUES ({rid}, {device}, 't', x'00', 1, 0, NULL, 'r', 0)")
+    run = await make(quarantine_max_records=4)
+    box = run.outbox
+    assert box.quarantine_held == (6, quarantined_bytes(db))
+    good = await refuse(run, "good", [b"g"])
+    with sqlite3.connect(db) as other:
+        assert [r[0] for r in other.execute("SELECT id FROM quarantine ORDER BY id")] == [4, 5, 6] + good
+    assert box.quarantine_dropped == {"a\ufffd": 3}
+    assert box.quarantine_held == (4, quarantined_bytes(db))
+    await run.close()
 
 
 async def test_quarantine_is_capped_by_bytes_oldest_first_across_a_restart(make, tmp_path: Path) -> None:
@@ -271,10 +326,11 @@ async def test_quarantine_is_capped_by_bytes_oldest_first_across_a_restart(make,
 async def test_a_quarantined_row_larger_than_the_byte_cap_is_not_kept(make, tmp_path: Path) -> None:
     run = await make(quarantine_max_bytes=4096)
     box = run.outbox
-    await refuse(run, "a", [b"small"])
+    small = await refuse(run, "a", [b"small"])
     await refuse(run, "b", [b"z" * 5000])
-    assert quarantined(tmp_path / "outbox.db") == []
-    assert box.quarantine_dropped == {"a": 1, "b": 1} and box.quarantine_held == (0, 0)
+    assert quarantined(tmp_path / "outbox.db") == [(small[0], "a", b"small")], "a paid for b's row"
+    assert box.quarantine_dropped == {"b": 1}
+    assert box.quarantine_held == (1, quarantined_bytes(tmp_path / "outbox.db"))
     await run.close()
 
 

@@ -300,8 +300,9 @@ class GatewayCollector(Collector):
             yield CounterMetricFamily("edgegw_outbox_quarantined_records", "Records moved to quarantine by this "
                                       "process", value=_num(outbox, "quarantined") or 0)
             yield CounterMetricFamily("edgegw_outbox_quarantine_dropped_records", "Quarantined records deleted, "
-                                      "oldest first, to keep the quarantine within outbox.quarantine_max_records / "
-                                      "quarantine_max_bytes", value=_num(outbox, "quarantine_dropped") or 0)
+                                      "the oldest of the device holding the most first, to keep the quarantine "
+                                      "within outbox.quarantine_max_records / quarantine_max_bytes",
+                                      value=_num(outbox, "quarantine_dropped") or 0)
             facts = self.reader.facts if self.reader is not None else DbFacts()
             if facts.oldest_received_at is not None:
                 age = max(0.0, time.time() - facts.oldest_received_at)

@@ -56,10 +56,22 @@ CREATE TABLE IF NOT EXISTS quarantine (
 );
 """
 
+_INDEXES_SINCE_2 = """
+CREATE INDEX IF NOT EXISTS quarantine_by_device ON quarantine (device_id, id);
+"""
+"""Indexes added to schema version 2 without a version bump, created at every open (IF NOT EXISTS), so a file made
+before them gets them at its next start, and an older edgegw still opens the file (SQLite keeps the index up to
+date whoever writes). ``quarantine_by_device``: the quarantine cap deletes the oldest rows of one device without a
+scan of the table."""
+
 QUARANTINE_SIZE = ("length(CAST(payload AS BLOB)) + length(CAST(topic AS BLOB)) + length(CAST(device_id AS BLOB))"
                    f" + coalesce(length(properties), 0) + length(CAST(reason AS BLOB)) + {RECORD_OVERHEAD}")
 """Bytes a quarantined row counts against ``outbox.quarantine_max_bytes`` (SQL over its columns: the table has no
 size column, and the same expression serves the count at open, the moves and the deletes)."""
+
+QUARANTINE_BY_DEVICE = (f"SELECT CAST(device_id AS BLOB), count(*), sum({QUARANTINE_SIZE}) FROM quarantine {{}}"
+                        " GROUP BY device_id")
+"""(device, rows, bytes) of the quarantine table (``{}``: a WHERE clause, or nothing), as at open and recount."""
 
 _MIGRATE_1_TO_2 = f"""
 ALTER TABLE records ADD COLUMN priority INTEGER NOT NULL DEFAULT 1;
@@ -81,7 +93,7 @@ class Opened:
     reader: aiosqlite.Connection
     next_id: int
     usage: dict[str, list[int]]  # device -> [records, bytes]
-    quarantine: tuple[int, int]  # rows, bytes (QUARANTINE_SIZE) in the quarantine table
+    quarantine: dict[bytes, list[int]]  # device (as stored) -> [rows, bytes (QUARANTINE_SIZE)] in the quarantine
 
 
 def device_key(raw: bytes | str) -> str:
@@ -140,6 +152,7 @@ async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
                                        f"UPDATE meta SET value='{SCHEMA_VERSION}' WHERE key='schema_version'; COMMIT;")
         elif version != SCHEMA_VERSION:
             raise OutboxError(f"outbox {path}: schema version {version}, this edgegw knows {SCHEMA_VERSION}")
+        await writer.executescript(_INDEXES_SINCE_2)
         async with writer.execute("PRAGMA auto_vacuum") as cur:
             auto_vacuum = (await cur.fetchone())[0]  # type: ignore[index]
         if auto_vacuum != 2:  # a file made before auto_vacuum was set: rewrite it once
@@ -157,13 +170,12 @@ async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
                 entry = usage.setdefault(device_key(device), [0, 0])
                 entry[0] += count
                 entry[1] += size or 0
-        async with writer.execute(f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine") as cur:
-            quarantine_rows, quarantine_bytes = await cur.fetchone()  # type: ignore[misc]
+        quarantine = await count_quarantine(writer)
         await writer.execute("BEGIN")  # the writer always holds an open transaction between group commits
         reader = await aiosqlite.connect(path, timeout=lock_timeout, isolation_level=None)
         reader.text_factory = bytes
         await reader.execute("PRAGMA query_only=1")
-        return Opened(writer, reader, high + 1, usage, (quarantine_rows, quarantine_bytes))
+        return Opened(writer, reader, high + 1, usage, quarantine)
     except BaseException as exc:
         for conn in (reader, writer):
             if conn is not None:
@@ -176,6 +188,18 @@ async def _open(path: Path, synchronous: str, lock_timeout: float) -> Opened:
         if isinstance(exc, sqlite3.Error):
             raise OutboxError(f"outbox {path}: cannot open as an SQLite database: {exc}") from exc
         raise
+
+
+async def count_quarantine(writer: aiosqlite.Connection) -> dict[bytes, list[int]]:
+    """[rows, bytes] in the quarantine table per device, keyed by the device id's bytes as stored (a damaged id that
+    is not valid UTF-8 must still be found again to delete its rows): one GROUP BY over the index."""
+    counts: dict[bytes, list[int]] = {}
+    async with writer.execute(QUARANTINE_BY_DEVICE.format("")) as cur:
+        for raw, rows, size in await cur.fetchall():
+            entry = counts.setdefault(bytes(raw), [0, 0])
+            entry[0] += rows
+            entry[1] += size or 0
+    return counts
 
 
 async def _schema_version(writer: aiosqlite.Connection) -> int:

@@ -17,7 +17,12 @@ import aiosqlite
 import structlog
 
 from edgegw.config import OutboxSettings
-from edgegw.outbox._schema import QUARANTINE_SIZE, device_key
+from edgegw.outbox._schema import (
+    QUARANTINE_BY_DEVICE,
+    QUARANTINE_SIZE,
+    count_quarantine,
+    device_key,
+)
 
 _DISK_CHECK_EVERY = 0.5  # seconds between statvfs calls (one per group commit at most)
 _EXPIRE_EVERY = 1.0  # seconds between TTL sweeps
@@ -96,6 +101,7 @@ class Upkeep:
     _vacuum_due: bool
     _to_delete: set[int]
     _pending: list[tuple[Any, tuple[Any, ...], Any]]
+    _quarantine_usage: dict[bytes, list[int]]  # device id as stored -> [rows, bytes] in the quarantine table
     _quarantine_rows: int
     _quarantine_bytes: int
     _quarantine_full_logged: float
@@ -190,7 +196,7 @@ class Upkeep:
             await self._delete(f"DELETE FROM records WHERE id IN {_IDS} {_GONE}", (json.dumps(ids),), dropped)
 
     async def _move_to_quarantine(self, quarantine: list[tuple[int, str]], dropped: dict[str, int]) -> set[int]:
-        """Copy these records (id, reason) into the quarantine table, then delete its oldest rows while it is over
+        """Copy these records (id, reason) into the quarantine table, then trim it while it is over
         ``quarantine_max_records`` / ``quarantine_max_bytes``; returns the ids to delete from ``records``."""
         moved = dict(quarantine)  # one move per id (a record may be asked twice): the last reason, as REPLACE keeps
         ids = json.dumps(list(moved))
@@ -201,45 +207,86 @@ class Upkeep:
             " FROM records WHERE id=?",
             [(reason, time.time(), rid) for rid, reason in moved.items()])
         after = await self._quarantined(ids)  # records already acknowledged and deleted were not copied
-        self._quarantine_rows += after[0] - before[0]
-        self._quarantine_bytes += after[1] - before[1]
+        for raw in before.keys() | after.keys():
+            new, old = after.get(raw, (0, 0)), before.get(raw, (0, 0))
+            self._quarantine_count(raw, new[0] - old[0], new[1] - old[1])
         await self._trim_quarantine(dropped)
         return set(moved)
 
-    async def _quarantined(self, ids: str) -> tuple[int, int]:
-        """(rows, bytes) in the quarantine table among these ids (a JSON list)."""
-        async with self._writer.execute(f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine"
-                                        f" WHERE id IN {_IDS}", (ids,)) as cur:
-            row = await cur.fetchone()
-        return (int(row[0]), int(row[1])) if row else (0, 0)
+    async def _quarantined(self, ids: str) -> dict[bytes, list[int]]:
+        """[rows, bytes] per device in the quarantine table among these ids (a JSON list)."""
+        counts: dict[bytes, list[int]] = {}
+        async with self._writer.execute(QUARANTINE_BY_DEVICE.format(f"WHERE id IN {_IDS}"), (ids,)) as cur:
+            for raw, rows, size in await cur.fetchall():
+                entry = counts.setdefault(bytes(raw), [0, 0])
+                entry[0] += rows
+                entry[1] += size or 0
+        return counts
+
+    def _quarantine_count(self, raw: bytes, rows: int, size: int) -> None:
+        """Add (or with negative numbers take off) quarantined rows of this device to the counts in memory."""
+        u = self._quarantine_usage.setdefault(raw, [0, 0])
+        u[0] += rows
+        u[1] += size
+        if u[0] <= 0:
+            del self._quarantine_usage[raw]
+        self._quarantine_rows += rows
+        self._quarantine_bytes += size
 
     async def _trim_quarantine(self, dropped: dict[str, int]) -> None:
         """Past ``quarantine_max_records`` or ``quarantine_max_bytes``: delete the oldest quarantined rows (lowest
-        ids: ids follow arrival, and the primary key needs no index or sort), so the table keeps the most recent
-        evidence. A device the upstream keeps refusing would otherwise fill the disk, and eat the disk guard's room
-        for every device."""
+        ids: ids follow arrival) of the device holding the most (in the dimension that is over), as drop-oldest
+        does for records. A device the upstream keeps refusing would otherwise fill the disk, and eat the disk
+        guard's room for every device; the oldest rows of the whole table would let it delete every other device's
+        evidence (one device must never evict another's data beyond its fair share)."""
         s = self._settings
         for _ in range(256):
+            usage = self._quarantine_usage  # a recount below replaces it
             over_rows = self._quarantine_rows - s.quarantine_max_records
             over_bytes = self._quarantine_bytes - s.quarantine_max_bytes
             if over_rows <= 0 and over_bytes <= 0:
                 return
-            want = max(1, over_rows)
-            if over_bytes > 0:  # enough average-sized rows to get under the byte cap (the loop takes more if needed)
-                avg = max(1, self._quarantine_bytes // max(1, self._quarantine_rows))
-                want = max(want, -(-over_bytes // avg))
+            dim = 1 if over_bytes > 0 else 0
+            top = heapq.nlargest(2, ((u[dim], raw) for raw, u in usage.items()))
+            if not top:  # the totals say over, yet no device holds a row (never expected): take the file's counts
+                self._set_quarantine_counts(await count_quarantine(self._writer))
+                if not self._quarantine_usage:
+                    return
+                continue
+            raw = top[0][1]
+            runner_up = top[1][0] if len(top) > 1 else 0
+            held, held_bytes = usage[raw]
+            if dim == 0:  # enough to fix the excess, or to bring it down to the next heaviest device
+                want = min(over_rows, held - runner_up + 1)
+            else:
+                avg = max(1, held_bytes // max(1, held))
+                want = min(-(-over_bytes // avg), 1 + (held_bytes - runner_up) // avg)  # ceil: no overshoot
+            want = max(1, min(want, _QUARANTINE_BATCH))
+            sizes = await self._delete_quarantined(raw, want)
+            if not sizes:  # the counts held rows of it the file does not (never expected): take the file's counts
+                self._set_quarantine_counts(await count_quarantine(self._writer))
+                continue
+            self._quarantine_count(raw, -len(sizes), -sum(sizes))
+            device = device_key(raw)
+            dropped[device] = dropped.get(device, 0) + len(sizes)
+
+    async def _delete_quarantined(self, raw: bytes, n: int) -> list[int]:
+        """Delete the ``n`` oldest quarantined rows of this device (its id's bytes as stored); returns their sizes.
+        Through the ``quarantine_by_device`` index; a device id not stored as text (a damaged row, never written
+        so by the gateway) is only found by a scan."""
+        for where in ("device_id = CAST(? AS TEXT)", "CAST(device_id AS BLOB) = ?"):
             async with self._writer.execute(
-                    "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)"
-                    f" RETURNING CAST(device_id AS BLOB), {QUARANTINE_SIZE}", (min(want, _QUARANTINE_BATCH),)) as cur:
-                rows = await cur.fetchall()
-            if not rows:  # the table is empty: nothing more to take
-                self._quarantine_rows = self._quarantine_bytes = 0
-                return
-            for raw, size in rows:
-                device = device_key(raw)
-                dropped[device] = dropped.get(device, 0) + 1
-                self._quarantine_rows -= 1
-                self._quarantine_bytes -= size
+                    f"DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine WHERE {where} ORDER BY id LIMIT ?)"
+                    f" RETURNING {QUARANTINE_SIZE}", (raw, n)) as cur:
+                sizes = [int(row[0]) for row in await cur.fetchall()]
+            if sizes:
+                return sizes
+        return []
+
+    def _set_quarantine_counts(self, counts: dict[bytes, list[int]]) -> None:
+        self._quarantine_usage = counts
+        self._quarantine_rows = sum(u[0] for u in counts.values())
+        self._quarantine_bytes = sum(u[1] for u in counts.values())
 
     def _log_quarantine_full(self, dropped: dict[str, int]) -> None:
         """After a commit that deleted quarantined rows: one warning per _QUARANTINE_LOG_EVERY at most (the counts
@@ -252,7 +299,7 @@ class Upkeep:
                               dropped=sum(dropped.values()), quarantine_dropped=sum(self.quarantine_dropped.values()),
                               rows=self._quarantine_rows, bytes=self._quarantine_bytes,
                               max_records=s.quarantine_max_records, max_bytes=s.quarantine_max_bytes,
-                              action="the oldest quarantined rows were deleted")
+                              action="the oldest quarantined rows of the device holding the most were deleted")
 
     async def _recount(self) -> None:
         """After a failed transaction: usage from the file plus what awaits commit."""
@@ -264,13 +311,10 @@ class Upkeep:
                     u = usage.setdefault(device_key(raw), [0, 0])
                     u[0] += count
                     u[1] += size or 0
-            async with self._writer.execute(
-                    f"SELECT count(*), coalesce(sum({QUARANTINE_SIZE}), 0) FROM quarantine") as cur:
-                quarantine = await cur.fetchone()
+            quarantine = await count_quarantine(self._writer)
         except sqlite3.Error:
             return  # keep the old counts; the next failure or success corrects them
-        if quarantine is not None:  # the failed transaction's moves and deletes were rolled back
-            self._quarantine_rows, self._quarantine_bytes = int(quarantine[0]), int(quarantine[1])
+        self._set_quarantine_counts(quarantine)  # the failed transaction's moves and deletes were rolled back
         for record, row, _ in self._pending:
             u = usage.setdefault(record.device_id, [0, 0])
             u[0] += 1

@@ -102,8 +102,8 @@ class Outbox(UplinkReads, GroupWriter):
         self._expire_due = 0.0
         self._vacuum_due = True
         self._full_logged = 0.0
-        # the quarantine table, counted like the records (rebuilt at open) so a move needs no count query
-        self._quarantine_rows, self._quarantine_bytes = opened.quarantine
+        # the quarantine table, counted per device like the records (rebuilt at open) so a move needs no count query
+        self._set_quarantine_counts(opened.quarantine)
         self._quarantine_full_logged = 0.0
         self.commits = 0
         self.committed_records = 0
@@ -116,8 +116,8 @@ class Outbox(UplinkReads, GroupWriter):
         self.quarantined = 0
         """Records moved to the quarantine table by this process (refused upstream or undecodable)."""
         self.quarantine_dropped: dict[str, int] = {}
-        """Quarantined rows deleted, oldest first, to keep the table within ``quarantine_max_records`` /
-        ``quarantine_max_bytes``, per device."""
+        """Quarantined rows deleted, the oldest of the device holding the most first, to keep the table within
+        ``quarantine_max_records`` / ``quarantine_max_bytes``, per device."""
         self.vacuumed_pages = 0
 
     # --- opening ---------------------------------------------------------------------------------------------
