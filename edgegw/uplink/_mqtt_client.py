@@ -234,6 +234,9 @@ class NativeLink(LinkBase, asyncio.Protocol):
                             self.acks.append(record.id)
                             acked += 1
                             continue
+                    elif acked:  # a refusal: the successes before it count first (a throttle's backoff reads them)
+                        self.uplink.acked += acked
+                        acked = 0
                     self._settle(mid, code)
                     continue
                 # any other packet: frame it and let the codec decode it
