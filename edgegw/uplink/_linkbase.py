@@ -106,6 +106,10 @@ class LinkBase:
         """Release everything; with ``graceful``, try to send DISCONNECT first. Idempotent."""
         raise NotImplementedError
 
+    def _subscribe_commands(self) -> None:
+        """SUBSCRIBE to :attr:`Uplink.command_filters` (nothing when there are none); after CONNACK only."""
+        raise NotImplementedError
+
     encoded = False
     """True if the client takes PUBLISHes already encoded (:meth:`publish_packet`): the uplink's fast path."""
 
