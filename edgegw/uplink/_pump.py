@@ -170,6 +170,8 @@ class Pump:
                         self._probe(link)
                     if sent:
                         continue
+                if backfill is not None and backfill.needs_fetch:
+                    continue  # the backlog's records just read were all let go (spilled): read on now
                 await link.wait(delay if delay is not None else _POLL_MAX)
             return link.lost.result()
         finally:
