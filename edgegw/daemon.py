@@ -1,6 +1,7 @@
 """The composition root: builds every stage from the config and runs them in one TaskGroup.
 
-Start order: outbox (opened, writer running) -> uplink -> device listener. Stop order (SIGTERM/SIGINT): stop
+Start order: outbox (opened, writer running) -> uplink -> device listener (after its persistent sessions are
+restored) -> the uplink's command subscription. Stop order (SIGTERM/SIGINT): stop
 accepting -> stop reading devices and let their in-flight publishes commit and be acknowledged -> close sessions ->
 stop the uplink (its last acknowledgements become deletes) -> flush the outbox. Nothing acknowledged to a device is
 lost on the way.
@@ -98,6 +99,10 @@ class Gateway:
             # "" leaves it unused.
             uplink = self.uplink = Uplink(config.uplink, outbox, client_id=config.uplink_client_id,
                                           ssl_context=uplink_tls, downlink=_downlink(server, coap), otel=spans)
+            # The uplink starts before the device listener (the backlog goes up at once), but takes no command
+            # before server.start() restored the persistent sessions: one taken earlier found no session, was
+            # acknowledged upstream and counted undeliverable (released below).
+            uplink.commands_held = True
             # With [tenants]: commands from each tenant's upstream space, to that tenant's devices only.
             uplink.commands = TenantCommands(config.uplink.command_topic, config.uplink.topic_prefix,
                                              lambda: server.pipeline, tenant_lookup(server, coap, subjects))
@@ -112,6 +117,7 @@ class Gateway:
                 uplink_task = tg.create_task(uplink.run(), name="uplink")
                 limits_task = tg.create_task(limiter.run(classes), name="limits-upkeep")
                 await server.start()
+                uplink.release_commands()
                 admin = await AdminServer.start_for(self, writer_task=writer)  # None if [admin] enabled = false
                 log.info("gateway.ready", gateway_id=config.gateway.id, mqtt_port=server.port,
                          coap_port=coap.port if coap is not None else None,

@@ -6,16 +6,23 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import threading
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import pytest
 
-from conftest import Fleet, LabPKI, Mosquitto
-from edgegw.config import UplinkSettings
+from conftest import Fleet, LabPKI, Mosquitto, wait_until
+from edgegw.config import MQTTSettings, UplinkSettings
 from edgegw.errors import ConfigError
+from edgegw.mqtt.broker import LocalBroker
+from edgegw.mqtt.packets import Subscribe, SubscriptionOptions
+from edgegw.mqtt.session import Message
+from edgegw.mqtt.sessiondb import SessionDB
 from edgegw.outbox.store import Outbox
-from mqtt_peers import V311, PahoDevice
+from edgegw.policy.acl import ACL
+from mqtt_peers import V5, V311, PahoDevice
 from test_uplink import eventually, make_uplink, outbox, running, uplink_settings  # noqa: F401 (fixture)
 
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
@@ -123,3 +130,93 @@ async def test_uplink_maps_refuses_and_never_hears_itself(mosquitto: Mosquitto, 
     assert 0 < calls[0][4] <= 30
     assert uplink.commands_delivered == 1
     assert uplink.commands_undeliverable == 4  # three refused topics, one without a session
+
+
+async def _queue_offline_sessions(path: Path, *, sessions: int, each: int, size: int) -> None:
+    """Add offline persistent sessions with ``each`` queued QoS 1 commands of ``size`` bytes to a stopped gateway's
+    session file, through the gateway's own journal (edgegw/mqtt/sessiondb.py)."""
+    broker = LocalBroker(MQTTSettings(), lambda key, message: None)
+    db = SessionDB(path, broker)
+    await db.open()  # what the file holds (the test's own device) stays
+    blob = b"x" * size
+    for i in range(sessions):
+        key = f"fleet-{i:05d}"
+        session, _ = broker.open_session(key, clean_start=False)
+        session.expiry, session.durable, session.disconnected_at = 3600, True, time.time()
+        broker.journal.session_changed(session)
+        broker.subscribe(session, Subscribe(1, ((f"devices/{key}/cmd/#", SubscriptionOptions(1)),)),
+                         ACL.allow_all(), key)
+        for j in range(each):
+            broker.deliver_to_session(key, Message(f"devices/{key}/cmd/{j}", blob, 1))
+    await db.close()
+
+
+class CloudCommander:
+    """The cloud sending commands to one device without pause (paho MQTT 5 with the "sink" certificate, QoS 1,
+    one every ``interval`` seconds, payload the sequence number), in its own thread, until stopped."""
+
+    def __init__(self, pki: LabPKI, broker: Mosquitto, topic: str, interval: float = 0.002) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+        self.topic, self.interval = topic, interval
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cloud-commander",
+                                  protocol=mqtt.MQTTv5)
+        self.client.tls_set_context(pki.ssl_context("sink"))
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        self.sent = 0
+        self._last: Any = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        if self._last is not None:
+            self._last.wait_for_publish(5)  # every command is out before the client goes
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._last = self.client.publish(self.topic, str(self.sent).encode(), qos=1)
+            self.sent += 1
+            time.sleep(self.interval)
+
+
+def test_commands_arriving_while_the_gateway_starts_reach_persistent_sessions(
+        fleet: Fleet, pki: LabPKI, mosquitto: Mosquitto, gateway_factory: Any) -> None:
+    """A device with a persistent session is offline while the gateway restarts and the cloud keeps sending it
+    commands. Every command the uplink takes (and acknowledges upstream) must be queued in the device's session:
+    none may be counted undeliverable because the sessions were not restored yet when it came."""
+    gw = gateway_factory(mosquitto, overrides={"uplink": {"command_topic": "{prefix}/+/cmd/#"}}).start()
+    gw.wait_for_event("uplink.command_subscribed")
+    dev = PahoDevice(fleet.device_context("dev-01"), gw.port, "dev-01", protocol=V5, clean=False,
+                     session_expiry=3600).start()
+    assert [c.value for c in dev.subscribe("devices/dev-01/cmd/#", 1)] == [1]
+    dev.close()
+    assert gw.terminate() == 0
+    # A fleet's sessions with commands queued (150 MB): reading them at start takes a while, as on an SD card.
+    asyncio.run(_queue_offline_sessions(gw.folder / "mqtt-sessions.db", sessions=150, each=5, size=200_000))
+    with CloudCommander(pki, mosquitto, "cloud/dev-01/cmd/n") as cloud:
+        gw.start()
+        wait_until(lambda: len(gw.events("uplink.command_subscribed")) >= 2, 10, what="subscribed again")
+        time.sleep(0.5)
+    lost = [e for e in gw.events("uplink.command_undeliverable") if e.get("device_id") == "dev-01"]
+    assert not lost, f"{len(lost)} commands for a persistent session counted undeliverable at start ({cloud.sent} sent)"
+    # What the uplink took is queued in the session: from its subscription on, every command, none missing.
+    back = PahoDevice(fleet.device_context("dev-01"), gw.port, "dev-01", protocol=V5, clean=False,
+                      session_expiry=3600).start()
+    try:
+        assert back.session_present is True
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not back.messages or int(back.messages[-1].payload) < cloud.sent - 1):
+            time.sleep(0.05)
+        seqs = [int(m.payload) for m in back.messages]
+    finally:
+        back.close()
+    assert seqs and seqs == list(range(seqs[0], cloud.sent)), (seqs[:5], len(seqs), cloud.sent)

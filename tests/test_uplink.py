@@ -7,11 +7,12 @@ import os
 import re
 import socket
 import sqlite3
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
 import pytest
 import structlog
@@ -24,6 +25,7 @@ from edgegw.mqtt.packets import NO_PROPERTIES
 from edgegw.outbox.store import Outbox, Record
 from edgegw.tlsutil import client_ssl_context
 from edgegw.uplink import Uplink
+from edgegw.uplink.frames import decode_frame
 from edgegw.uplink.paho_bridge import _user_properties, iso_utc_ms
 
 if TYPE_CHECKING:  # fixtures come from conftest.py; these are only annotations
@@ -387,6 +389,126 @@ async def test_unsendable_records_are_quarantined_without_dropping_the_connectio
     assert "Maximum Packet Size 2000" in reasons[too_big.id] and "wildcard" in reasons[wildcard.id]
     assert await outbox.count_quarantined() == 2
     assert uplink.reconnects == 0 and not any(e["event"] == "uplink.disconnected" for e in logs)
+
+
+class ThrottlingServer:
+    """A scripted MQTT 5 server over mutual TLS that answers the first ``refuse`` PUBLISHes with PUBACK 0x97 (Quota
+    exceeded, as AWS IoT does when it throttles) and the rest with 0x00; mosquitto cannot answer 0x97. Keeps every
+    PUBLISH: (arrival time, payloads it carried, the reason code it got)."""
+
+    def __init__(self, pki: LabPKI, refuse: int) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
+        self.ctx.load_verify_locations(cafile=str(pki.ca))
+        self.ctx.verify_mode = ssl.CERT_REQUIRED
+        self.refuse = refuse
+        self.publishes: list[tuple[float, list[bytes], int]] = []
+        self.connections = 0
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self.ctx)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for w in self._writers:
+            w.transport.abort()
+        assert self._server is not None
+        self._server.close()
+
+    def accepted(self) -> list[bytes]:
+        return [p for _, payloads, code in self.publishes if code == 0 for p in payloads]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        self.connections += 1
+        try:
+            while True:
+                first = (await reader.readexactly(1))[0]
+                length = shift = 0
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = first >> 4
+                if kind == 1:  # CONNECT
+                    writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK, accepted, no properties
+                elif kind == 3:  # PUBLISH, QoS 1
+                    n = int.from_bytes(body[:2], "big")
+                    topic = body[2:2 + n].decode()
+                    mid = body[2 + n:4 + n]
+                    pos, props, shift = 4 + n, 0, 0
+                    while True:
+                        byte = body[pos]
+                        pos += 1
+                        props |= (byte & 0x7F) << shift
+                        shift += 7
+                        if not byte & 0x80:
+                            break
+                    payload = bytes(body[pos + props:])
+                    payloads = ([r["payload"] for r in decode_frame(payload)] if topic.endswith("/_batch")
+                                else [payload])
+                    code = 0x97 if len(self.publishes) < self.refuse else 0x00
+                    self.publishes.append((time.monotonic(), payloads, code))
+                    writer.write(b"\x40\x03" + mid + bytes((code,)))
+                elif kind == 12:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 14:  # DISCONNECT
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+
+@pytest.mark.parametrize("client,batch,window,refuse", [("native", 1, 10, 20), ("paho", 1, 10, 20),
+                                                        ("native", 5, 1, 2)])
+async def test_puback_quota_exceeded_backs_off_and_resends_nothing_quarantined(
+        client: str, batch: int, window: int, refuse: int, pki: LabPKI, outbox: Outbox) -> None:
+    """PUBACK 0x97 (Quota exceeded) is a throttle, not a verdict on the record: the records of that PUBLISH stay in
+    the outbox and go again, in order, after a backoff on the same connection (1 s, then 2 s for a second one in a
+    row), counted and logged once per backoff. Before, they were quarantined like any reason >= 0x80. The first
+    ``refuse`` PUBLISHes (two windows' worth: two backoffs in a row) are refused; records committed during the
+    backoff must not overtake the refused ones of their device."""
+    devices = ["q1", "q2", "q3"]
+    backlog = submit(outbox, devices, 30)
+    await eventually(lambda: outbox.committed_id >= backlog[-1].id, 5, "committed")
+    async with ThrottlingServer(pki, refuse) as server:
+        settings = uplink_settings(server, pki, client=client, inflight_window=window, batch_max_records=batch)  # type: ignore[arg-type]
+        uplink = make_uplink(settings, outbox)
+        with structlog.testing.capture_logs() as logs:
+            async with running(uplink):
+                await eventually(lambda: any(code for _, _, code in server.publishes), 10, "a PUBACK 0x97")
+                live = submit(outbox, devices, 15, start=30)  # while backing off
+                await eventually(lambda: outbox.depth == 0, 20, "every record acknowledged")
+                await asyncio.sleep(0.1)
+    records = backlog + live
+    assert await outbox.count_quarantined() == 0 and outbox.quarantined == 0 and uplink.refused == 0
+    accepted = server.accepted()
+    assert sorted(accepted) == sorted(r.payload for r in records), "a record lost or sent twice after acceptance"
+    refused = [p for _, payloads, code in server.publishes if code == 0x97 for p in payloads]
+    assert refused and set(refused) <= set(accepted), "the refused records were not sent again"
+    assert uplink.throttled == refuse and uplink.acked == len(accepted)
+    by_device: dict[str, list[int]] = {}
+    for p in accepted:
+        device, seq = p.decode().split(":")
+        by_device.setdefault(device, []).append(int(seq))
+    assert by_device == {d: sorted(s) for d, s in by_device.items()}, "out of order within a device"
+    # the backoff: nothing for 1 s after the first refusal, then 2 s after the second round's
+    times = [t for t, _, _ in server.publishes]
+    resumed = times[window]  # the first round was one window of PUBLISHes
+    assert resumed - times[0] >= 0.95, f"sent again {resumed - times[0]:.2f} s after the first 0x97"
+    assert times[refuse] - resumed >= 1.95, f"second backoff {times[refuse] - resumed:.2f} s"
+    warnings = [e for e in logs if e["event"] == "uplink.throttled"]
+    assert len(warnings) == 2 and [w["backoff"] for w in warnings] == [1.0, 2.0], warnings
+    assert all(w["log_level"] == "warning" for w in warnings)
+    assert not any(e["event"] == "uplink.publish_refused" for e in logs)
+    assert uplink.reconnects == 0 and server.connections == 1
 
 
 @pytest.mark.parametrize("live_first", [True, False])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pytest
 
 from edgegw.outbox.store import Outbox
 from test_uplink import eventually, make_uplink, outbox, running, uplink_settings  # noqa: F401 - fixture
@@ -87,6 +89,27 @@ async def test_per_device_pace_does_not_hold_back_other_devices(
     print(f"\nper-device pace 200/s: 320 records in {elapsed:.2f} s")
 
 
+async def test_a_device_held_by_its_pace_does_not_hold_back_devices_behind_its_backlog(
+        mosquitto: Mosquitto, sink_factory: Callable[..., Sink], pki: LabPKI, outbox: Outbox) -> None:
+    """A device whose backlog is far longer than one read of the lane (3,000 records, the lane reads 400 at a time)
+    and held back by ``backfill_device_rate``: another device's records behind all of it go on at once. Before,
+    the lane stopped reading once a read's worth of records was held (B waited ~60 s behind A's pace)."""
+    sink = sink_factory(mosquitto, topic="edgegw/#")
+    heavy = [outbox.submit("heavy", "devices/heavy/t", b"h:%d" % i, 1) for i in range(3000)]
+    light = [outbox.submit("light", "devices/light/t", b"l:%d" % i, 1) for i in range(10)]
+    await eventually(lambda: outbox.committed_id >= light[-1].id, 5, "the backlog committed")
+    uplink = make_uplink(uplink_settings(mosquitto, pki, backfill_device_rate=50.0), outbox)
+    async with running(uplink):
+        messages = await sink.until(lambda m: sum(x.payload.startswith(b"l:") for x in m) >= 10, 3)
+        await asyncio.sleep(1.0)
+        messages = sink.snapshot()
+    seqs = {d: [int(m.payload.split(b":")[1]) for m in messages if m.payload.startswith(d)] for d in (b"h:", b"l:")}
+    assert seqs[b"l:"] == list(range(10))
+    assert seqs[b"h:"] == list(range(len(seqs[b"h:"]))), "the held device's records left out of order"
+    assert len(seqs[b"h:"]) <= 50 + 50 * 5, "the held device's pace was not applied"
+    assert outbox.quarantined == 0
+
+
 def test_backfill_pacing_by_bytes_and_per_device_keeps_device_order() -> None:
     """The pacer alone (pure logic, no sockets): global and per-device buckets, held devices keep their order."""
     from collections import deque
@@ -110,3 +133,113 @@ def test_backfill_pacing_by_bytes_and_per_device_keeps_device_order() -> None:
     lane._bytes.tokens = 150.0  # ... but the bytes bucket allows two more records of 100 bytes
     n, delay = lane.send(100, lambda r: sent.append(r.id) or True)
     assert sent == [4, 5] and delay is not None, "held records must leave first, in order, within the byte pace"
+
+
+class _Store:
+    """The outbox's backlog reads over a list (``fetch_backlog``'s contract: one class, ids in (after, upto], not
+    settled, in id order, at most ``limit``). Records sent stay until ``settle`` (in flight), so a record read
+    again by a second pass and sent twice would show."""
+
+    def __init__(self, records: list[Any]) -> None:
+        self.records = records
+        self.settled: set[int] = set()
+        self.reads = 0
+
+    async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int) -> list[Any]:
+        self.reads += 1
+        return [r for r in self.records
+                if r.priority == priority and after_id < r.id <= upto_id and r.id not in self.settled][:limit]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_held_devices_past_the_bound_are_read_again_and_nothing_is_skipped_or_sent_twice(
+        seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lane alone (its real reads' contract, a clock of our own): many records of a few heavy devices held by
+    the per-device pace, far past the held bound (fetch_size 16), light devices among and behind them, three
+    priority classes. Every record leaves exactly once, in id order per device and class, and the light devices'
+    records are not held behind the heavy ones' pace."""
+    import random
+    import types
+
+    from edgegw.config import UplinkSettings
+    from edgegw.outbox.store import Record
+    from edgegw.uplink import _backfill
+    from edgegw.uplink._backfill import Backfill
+
+    clock = [1000.0]
+    monkeypatch.setattr(_backfill, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    rnd = random.Random(seed)
+    records = []
+    for i in range(1, 1501):
+        device = rnd.choice(["h1", "h1", "h1", "h2", "h2"] + [f"l{k}" for k in range(3)]) if i < 1400 else "late"
+        records.append(Record(i, device, "t", b"x", 1, 0.0, None, rnd.choice([0, 1, 1, 2])))
+    store = _Store(records)
+    settings = UplinkSettings(host="h", ca="ca", cert="c", key="k",  # type: ignore[arg-type]
+                              backfill_device_rate=20.0)
+    lane = Backfill(store, settings, boundary=1500, fetch_size=16, backlog=1500)  # type: ignore[arg-type]
+    sent: list[Any] = []
+    when: dict[int, float] = {}
+
+    def publish(record: Any) -> bool:
+        sent.append(record)
+        when[record.id] = clock[0]
+        if rnd.random() < 0.5:
+            store.settled.add(record.id)  # acknowledged at once, or later (still in flight when read again)
+        return True
+
+    while not lane.done and clock[0] < 1000.0 + 600:
+        while lane.needs_fetch:
+            await lane.fetch()
+        lane.send(rnd.randint(1, 8), publish)
+        clock[0] += 0.01
+        if rnd.random() < 0.1:
+            store.settled.update(r.id for r in sent)
+    assert lane.done, "the lane never finished"
+    ids = [r.id for r in sent]
+    assert len(ids) == len(set(ids)) == len(records), "a record skipped or sent twice"
+    for device in {r.device_id for r in records}:
+        for priority in range(3):
+            mine = [r.id for r in sent if r.device_id == device and r.priority == priority]
+            assert mine == sorted(mine), f"{device} class {priority} out of order"
+    start = 1000.0
+    late = [when[r.id] - start for r in sent if r.device_id == "late" and r.priority == 2]
+    # the heavy devices' first class needs ~8 s at 20/s; the late light device's records of it go within a second
+    # (a lower class waits for the higher ones to finish, held devices included: priority first)
+    assert late and max(late) < 1.0, f"the late device waited {max(late):.1f} s behind the held ones"
+    assert lane.held_count <= 16 and not lane.held
+
+
+async def test_a_long_held_backlog_is_not_read_again_in_full_for_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One device with 5,000 records held by its pace and one light device behind them: the passes over what was let
+    go stop once the device is let go again, so the reads stay proportional to the records (not records x passes)."""
+    import types
+
+    from edgegw.config import UplinkSettings
+    from edgegw.outbox.store import Record
+    from edgegw.uplink import _backfill
+    from edgegw.uplink._backfill import Backfill
+
+    clock = [1000.0]
+    monkeypatch.setattr(_backfill, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    records = [Record(i, "heavy" if i <= 5000 else "light", "t", b"x", 1, 0.0) for i in range(1, 5011)]
+    store = _Store(records)
+    settings = UplinkSettings(host="h", ca="ca", cert="c", key="k",  # type: ignore[arg-type]
+                              backfill_device_rate=100.0)
+    lane = Backfill(store, settings, boundary=5010, fetch_size=64, backlog=5010)  # type: ignore[arg-type]
+    sent: list[int] = []
+
+    def publish(record: Any) -> bool:
+        sent.append(record.id)
+        store.settled.add(record.id)
+        return True
+
+    while not lane.done and clock[0] < 1000.0 + 120:
+        while lane.needs_fetch:
+            await lane.fetch()
+        lane.send(100, publish)
+        clock[0] += 0.01
+    assert len(sent) == 5010 and sorted(sent) == list(range(1, 5011)), "a record skipped or sent twice"
+    assert sent.index(5001) < 200, "the light device waited behind the heavy one's pace"
+    assert [i for i in sent if i <= 5000] == list(range(1, 5001))
+    assert store.reads < 3 * 5010 / 64, f"{store.reads} reads of 64 for 5,010 records"
+    print(f"\n{store.reads} reads of 64 for 5,010 records")

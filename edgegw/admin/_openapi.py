@@ -38,7 +38,7 @@ UPLINK_SCHEMA = {"type": "object", "properties": {
     "state": {"type": "string", "enum": ["connecting", "connected", "down"]},
     "endpoint": {"type": ["string", "null"]}, "rtt_seconds": {"type": ["number", "null"]},
     "inflight": {"type": "integer"}, "sent": {"type": "integer"}, "acked": {"type": "integer"},
-    "refused": {"type": "integer"}, "backlog": {"type": "integer"},
+    "refused": {"type": "integer"}, "throttled": {"type": "integer"}, "backlog": {"type": "integer"},
     "drain_eta_seconds": {"type": ["number", "null"]}}}
 REFUSAL_SCHEMA = {"type": "object", "properties": {
     "time": {"type": "number"}, "event": {"type": "string"}, "device_id": {"type": "string"},

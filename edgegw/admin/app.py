@@ -282,7 +282,8 @@ class AdminServer(DeviceHandlers):
             "state": getattr(uplink, "state", "down"), "endpoint": getattr(uplink, "endpoint", None),
             "rtt_seconds": _num(uplink, "last_rtt", None), "inflight": int(_num(uplink, "inflight") or 0),
             "sent": int(_num(uplink, "sent") or 0), "acked": int(_num(uplink, "acked") or 0),
-            "refused": int(_num(uplink, "refused") or 0), "backlog": int(_num(uplink, "backlog") or 0),
+            "refused": int(_num(uplink, "refused") or 0), "throttled": int(_num(uplink, "throttled") or 0),
+            "backlog": int(_num(uplink, "backlog") or 0),
             "drain_eta_seconds": _num(uplink, "backfill_eta", None),
         }
 

@@ -338,6 +338,7 @@ class GatewayCollector(Collector):
             for name, help_text in (("sent", "Publishes handed to the upstream broker"),
                                     ("acked", "Publishes the upstream acknowledged"),
                                     ("refused", "Publishes the upstream refused (quarantined)"),
+                                    ("throttled", "Publishes answered 0x97 Quota exceeded (kept, sent again later)"),
                                     ("reconnects", "Upstream reconnections after the first connection"),
                                     ("connect_failures", "Failed upstream connection attempts"),
                                     ("session_takeovers", "Upstream connections ended because another client "

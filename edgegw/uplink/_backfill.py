@@ -4,6 +4,13 @@ Order: priority classes from the highest down; within a class, by record id, so 
 leave in the order they arrived. A device over its own rate is held back (its records wait in order) while other
 devices go on. Pacing uses token buckets with a one-second burst: a bucket may go negative by one record, and the
 next record waits until it is back to zero.
+
+Held records are bounded (``fetch_size``): past that, a held device's further records are read and let go
+("spilled", the first such id noted per device) and the lane reads on, so the devices behind a long held backlog
+are not held with it. At the end of the class the lane reads it again from the first spilled id, taking only the
+spilled devices' records from their noted ids (the others were handed out already), once half of the held room is
+free; such a pass ends as soon as each of its devices was let go again. A device's records are never taken out of
+order (once spilled, all its later records of that pass are too).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ class Backfill:
         self.buf: deque[Record] = deque()
         self.held: dict[str, deque[Record]] = {}
         self.held_count = 0
+        self._spilled: dict[str, int] = {}  # device -> its first record this pass read and did not keep
+        self._rewind: dict[str, int] | None = None  # a pass over the class again: only these devices, from these ids
+        self._rewind_due = False  # the class was read to its end with records spilled: again once held has room
         now = time.monotonic()
         s = settings
         self._records = _Bucket(s.backfill_rate, now) if s.backfill_rate > 0 else None
@@ -65,17 +75,39 @@ class Backfill:
 
     @property
     def needs_fetch(self) -> bool:
-        return not self._exhausted and not self.buf and self.held_count < self.fetch_size
+        # Reading on while records are held is what lets the devices behind a held one go on (the held ones past
+        # the bound are spilled, not kept); reading the class again waits for half of the held room, so a device
+        # held by its pace does not make the lane read the class once per record it sends.
+        return (not self._exhausted and not self.buf
+                and (not self._rewind_due or self.held_count < self.fetch_size // 2))
 
     async def fetch(self) -> None:
+        self._rewind_due = False
         while self._priority >= 0:
-            records = await self.outbox.fetch_backlog(self._priority, self._cursor, self.boundary, self.fetch_size)
+            rewind = self._rewind
+            if rewind is not None and self._spilled.keys() >= rewind.keys():
+                records = []  # every device this pass takes was let go again: the rest of it is for the next one
+            else:
+                records = await self.outbox.fetch_backlog(self._priority, self._cursor, self.boundary,
+                                                          self.fetch_size)
             if records:
-                self.buf.extend(records)
                 self._cursor = records[-1].id
+                if rewind is not None:  # again over the class: only what the last pass read and let go
+                    records = [r for r in records if r.device_id in rewind and r.id >= rewind[r.device_id]]
+                    if not records:
+                        continue
+                self.buf.extend(records)
                 return
+            if self._spilled:  # read to the end of the class, records let go on the way: read them again
+                self._rewind, self._spilled = self._spilled, {}
+                self._cursor = min(self._rewind.values()) - 1
+                if self.held_count >= self.fetch_size // 2:
+                    self._rewind_due = True
+                    return
+                continue
             self._priority -= 1
             self._cursor = 0
+            self._rewind = None
         self._exhausted = True
 
     def remaining(self) -> int:
@@ -151,20 +183,28 @@ class Backfill:
                 sent += result
             if not queue:
                 del self.held[device]
+        spilled = self._spilled
         while self.buf and sent < room:
             record = self.buf[0]
             device = record.device_id
+            if spilled and device in spilled:  # an earlier record of the device was let go: so is this (order)
+                self.buf.popleft()
+                continue
             if device in self.held:  # keep the device's order
-                if self.held_count >= self.fetch_size:
-                    break
+                if self.held_count >= self.fetch_size:  # held at its bound: read again at the next pass
+                    spilled[device] = self.buf.popleft().id
+                    continue
                 self.held[device].append(self.buf.popleft())
                 self.held_count += 1
                 continue
             wait, lane = self._wait(record, now)
             if wait:
                 delay = wait if delay is None else min(delay, wait)
-                if lane or self.held_count >= self.fetch_size:
+                if lane:
                     break
+                if self.held_count >= self.fetch_size:
+                    spilled[device] = self.buf.popleft().id
+                    continue
                 self.held[device] = deque([self.buf.popleft()])
                 self.held_count += 1
                 continue

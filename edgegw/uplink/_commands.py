@@ -23,6 +23,20 @@ class Commands:
     downlink: Downlink | None
     commands_delivered: int
     commands_undeliverable: int
+    _link: Any
+
+    commands_held = False
+    """Set by the daemon until the device servers restored their persistent sessions (:meth:`release_commands`):
+    no command subscription before. A command taken earlier finds no session, is acknowledged upstream and counted
+    undeliverable, although its device has a persistent session that will be back a moment later."""
+
+    def release_commands(self) -> None:
+        """The sessions are restored: subscribe to commands now, on the current connection if it is up (otherwise
+        at the next CONNACK, as always)."""
+        self.commands_held = False
+        link = self._link
+        if link is not None and link.connack.done() and link.connack.result() is None and not link.lost.done():
+            link._subscribe_commands()
 
     def _on_command(self, topic: str, payload: bytes, qos: int, retain: bool, props: Properties) -> None:
         """A message on ``command_topic`` (on the loop thread, from the client's read): ``{prefix}/{id}/rest``
@@ -74,7 +88,10 @@ class Commands:
 
     @property
     def command_filters(self) -> tuple[str, ...]:
-        """The filters the uplink subscribes to for commands (after every connect); () when the downlink is off."""
+        """The filters the uplink subscribes to for commands (after every connect); () when the downlink is off or
+        held (:attr:`commands_held`)."""
+        if self.commands_held:
+            return ()
         if self.commands is not None:
             return tuple(self.commands.filters())
         return (self._settings.command_filter,) if self._settings.command_filter else ()

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from edgegw.uplink.paho_bridge import Uplink
 
 
+_QUOTA_EXCEEDED = int(ReasonCode.QUOTA_EXCEEDED)  # 0x97
+
+
 class PackedProperties(Protocol):
     """MQTT 5 PUBLISH properties already encoded (``_wire._PackedProperties``)."""
 
@@ -82,6 +85,9 @@ class LinkBase:
         self.commands_subscribed = False
         self.poked = False
         self.waits = 0  # times the pump slept on this link (tests: refill() keeps it asleep while it can)
+        self.throttled_until = 0.0
+        """When (``time.monotonic()``) the backoff set by a PUBACK 0x97 (Quota exceeded) ends: no PUBLISH before;
+        the pump then reads the records not settled again, as a reconnect would (:meth:`Pump._pump`). 0: none."""
         self.refill: Callable[[], bool] | None = None
         """Set by the pump (native client only): called after PUBACKs were read, it refills the window from the
         live lane at once; True when the pump must still run."""
@@ -98,6 +104,10 @@ class LinkBase:
 
     def close(self, graceful: bool) -> None:
         """Release everything; with ``graceful``, try to send DISCONNECT first. Idempotent."""
+        raise NotImplementedError
+
+    def _subscribe_commands(self) -> None:
+        """SUBSCRIBE to :attr:`Uplink.command_filters` (nothing when there are none); after CONNACK only."""
         raise NotImplementedError
 
     encoded = False
@@ -147,18 +157,14 @@ class LinkBase:
 
     def _settle(self, mid: int, code: int, reason_string: str | None = None) -> None:
         """The PUBACK of ``mid`` (reason ``code``): acknowledged records go to :attr:`acks`; a refusal (>= 0x80)
-        quarantines every record the PUBLISH carried. Unknown packet ids are ignored."""
+        quarantines every record the PUBLISH carried, except 0x97 (Quota exceeded): those records stay in the
+        outbox, unsettled, and the link backs off (:meth:`Uplink._throttle`). Unknown packet ids are ignored."""
         carried = self.inflight.pop(mid, None)
         if carried is None:
             return
         records = carried if isinstance(carried, list) else (carried,)  # a frame carries a list of records
         uplink = self.uplink
-        if code >= 0x80:
-            text = f"PUBACK {reason_name(code)} (0x{code:02x})"
-            for record in records:
-                uplink._quarantine(record.id, f"{text}: {reason_string}" if reason_string else text,
-                                   trace_id_of(record.properties))
-        else:
+        if code < 0x80:
             boundary = self.boundary
             backlog = 0
             for record in records:
@@ -170,6 +176,13 @@ class LinkBase:
                 uplink.otel.uplink_acked(records)
             if backlog and uplink._backfill is not None:
                 uplink._backfill.acked += backlog
+        elif code == _QUOTA_EXCEEDED:  # throttled (e.g. AWS IoT): transient, the records stay in the outbox
+            uplink._throttle(self, len(records))
+        else:
+            text = f"PUBACK {reason_name(code)} (0x{code:02x})"
+            for record in records:
+                uplink._quarantine(record.id, f"{text}: {reason_string}" if reason_string else text,
+                                   trace_id_of(record.properties))
         if mid == self.probe_mid:
             uplink.last_rtt = time.monotonic() - self.probe_t
             self.probe_mid = 0

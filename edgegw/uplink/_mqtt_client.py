@@ -234,6 +234,9 @@ class NativeLink(LinkBase, asyncio.Protocol):
                             self.acks.append(record.id)
                             acked += 1
                             continue
+                    elif acked:  # a refusal: the successes before it count first (a throttle's backoff reads them)
+                        self.uplink.acked += acked
+                        acked = 0
                     self._settle(mid, code)
                     continue
                 # any other packet: frame it and let the codec decode it
@@ -347,7 +350,12 @@ class NativeLink(LinkBase, asyncio.Protocol):
             return
         options = (SubscriptionOptions(qos=1, no_local=True, retain_handling=2) if self.mqtt5
                    else SubscriptionOptions(qos=1))
-        self.command_mid = mid = self._next_mid = self._next_mid % 0xFFFF + 1
+        mid = self._next_mid
+        while True:  # a free packet id: after a release (Uplink.release_commands) publishes may be in flight
+            mid = mid % 0xFFFF + 1
+            if mid not in self.inflight:
+                break
+        self.command_mid = self._next_mid = mid
         self._write(encode_packet(Subscribe(mid, tuple((f, options) for f in filters)), self.version))
 
     def _on_suback(self, packet: Suback) -> None:

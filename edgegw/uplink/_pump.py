@@ -30,7 +30,9 @@ class Pump:
     _backfill: Backfill | None
     _log: Any
     sent: int
+    acked: int
     handed_off: int
+    _acked_at_resume: int
 
     if TYPE_CHECKING:
         def _send(self, link: LinkBase, record: Record) -> bool | None: ...
@@ -46,16 +48,26 @@ class Pump:
         outbox = self._outbox
         s = self._settings
         fetch_size = min(max(4 * link.window, _FETCH_MIN), _FETCH_MAX)
-        boundary = outbox.committed_id if s.live_first else 0
-        backfill = None
-        if s.live_first:
-            backfill = self._backfill = Backfill(outbox, s, boundary, fetch_size,
-                                                 max(0, outbox.depth - outbox.pending_count))
-            link.boundary = boundary
-        cursor = boundary
+        backfill: Backfill | None = None
+        cursor = 0
         live: deque[Record] = deque()
         batching = s.batch_max_records > 1
         fetching = backfill_fetching = False
+
+        def start_lanes() -> None:
+            """The lanes from what the outbox holds unsettled: at connect, and again after a throttle's backoff,
+            when the records the upstream did not take (0x97) must go again before anything behind them."""
+            nonlocal backfill, cursor
+            boundary = outbox.committed_id if s.live_first else 0
+            backfill = None
+            if s.live_first:
+                backfill = self._backfill = Backfill(outbox, s, boundary, fetch_size,
+                                                     max(0, outbox.depth - outbox.pending_count))
+                link.boundary = boundary
+            cursor = boundary
+            live.clear()
+
+        start_lanes()
 
         def send_one(record: Record) -> bool | None:
             return self._send(link, record)
@@ -66,7 +78,7 @@ class Pump:
             a task wake and a loop turn per read of PUBACKs is latency that the upstream's Receive Maximum turns
             into lost throughput. Returns True when the pump must run: a read of SQLite is due (or under way), the
             pace says wait, frames are on, the socket buffer is full, or the link is lost."""
-            if batching or fetching or backfill_fetching or link.paused or link.lost.done():
+            if batching or fetching or backfill_fetching or link.paused or link.throttled_until or link.lost.done():
                 return True
             room = link.window - len(link.inflight)
             if live:
@@ -102,6 +114,18 @@ class Pump:
             link.refill = refill
         try:
             while not link.lost.done():
+                if link.throttled_until:
+                    # PUBACK 0x97: nothing new goes up until the backoff is over and every PUBLISH in flight is
+                    # answered (nothing sent twice at once); then the records not settled, refused ones included,
+                    # are read again in order, as after a reconnect, and the link takes them from the start.
+                    left = link.throttled_until - time.monotonic()
+                    if left > 0 or link.inflight:
+                        await link.wait(left if left > 0 else _POLL_MAX)
+                        continue
+                    link.throttled_until = 0.0
+                    self._acked_at_resume = self.acked
+                    start_lanes()
+                    continue
                 high = outbox.committed_id
                 try:
                     if not live and high > cursor:
@@ -146,6 +170,8 @@ class Pump:
                         self._probe(link)
                     if sent:
                         continue
+                if backfill is not None and backfill.needs_fetch:
+                    continue  # the backlog's records just read were all let go (spilled): read on now
                 await link.wait(delay if delay is not None else _POLL_MAX)
             return link.lost.result()
         finally:

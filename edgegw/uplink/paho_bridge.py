@@ -11,7 +11,8 @@ Live records reach the pump in memory: the outbox hands each committed group ove
 so SQLite is read only for a backlog (after a reconnect or restart) or when the pump fell behind.
 
 A record leaves the outbox only when the upstream acknowledged it (PUBACK < 0x80: :meth:`Outbox.ack`) or refused it
-(PUBACK >= 0x80: :meth:`Outbox.quarantine`, never retried forever and never silently dropped).
+(PUBACK >= 0x80: :meth:`Outbox.quarantine`, never retried forever and never silently dropped), except for 0x97
+(Quota exceeded): a throttle, after which the records go again (:meth:`Uplink._throttle`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from edgegw.uplink._wire import RecordWire, _user_properties, iso_utc_ms
 __all__ = ["Downlink", "Uplink", "UplinkState", "_user_properties", "iso_utc_ms"]
 
 UplinkState = Literal["connecting", "connected", "down"]
+
+_THROTTLE_MIN, _THROTTLE_MAX = 1.0, 30.0  # seconds of backoff after a PUBACK 0x97 (Quota exceeded)
 
 Downlink = Callable[..., bool]
 """``(device_id, topic, payload, qos, properties, *, message_expiry) -> bool``: :meth:`MQTTServer.deliver_downlink`."""
@@ -86,7 +89,11 @@ class Uplink(Pump, Sending, Commands):
         self.acked = 0
         """PUBACKs with a success reason code (0x10 "no matching subscribers" included)."""
         self.refused = 0
-        """PUBACKs with a reason code >= 0x80; those records were quarantined."""
+        """PUBACKs with a reason code >= 0x80 but 0x97; those records were quarantined."""
+        self.throttled = 0
+        """PUBACKs with 0x97 (Quota exceeded): those records stayed in the outbox and went again after a backoff."""
+        self._throttle_step = 0  # backoffs in a row without a success PUBACK between them
+        self._acked_at_resume = 0  # ``acked`` when the last backoff ended: more since then is a success
         self.reconnects = 0
         """Successful connections after the first one."""
         self.frames_sent = 0
@@ -241,6 +248,25 @@ class Uplink(Pump, Sending, Commands):
         if self._state != "connected" or self._backfill is None:
             return None
         return self._backfill.eta()
+
+    def _throttle(self, link: LinkBase, records: int) -> None:
+        """A PUBACK 0x97 (Quota exceeded: the upstream throttles us, as AWS IoT does): transient, unlike the other
+        refusals. The records of that PUBLISH stay in the outbox (neither acknowledged nor quarantined) and this link
+        sends nothing for a backoff: 1 s, doubled per backoff in a row up to 30 s, back to 1 s once a PUBACK said
+        success since the last one ended. Then the pump sends what is not settled again, in order, as after a
+        reconnect (:meth:`Pump._pump`). 0x97s for PUBLISHes already in flight fall in the same backoff: one log line
+        per backoff, never one per message."""
+        self.throttled += 1
+        if link.throttled_until:
+            return
+        if self.acked != self._acked_at_resume:
+            self._throttle_step = 0
+        delay = min(_THROTTLE_MAX, _THROTTLE_MIN * 2 ** self._throttle_step)
+        self._throttle_step = min(self._throttle_step + 1, 30)
+        link.throttled_until = time.monotonic() + delay
+        self._log.warning("uplink.throttled", reason="PUBACK Quota exceeded (0x97)", backoff=delay,
+                          records=records, inflight=len(link.inflight), throttled=self.throttled,
+                          host=link.host, port=link.port)
 
     def _quarantine(self, record_id: int, reason: str, trace: str | None = None) -> None:
         self.refused += 1
