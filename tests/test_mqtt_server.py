@@ -71,14 +71,15 @@ async def published(info: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None,
+async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None, mqtt: dict[str, Any] | None = None,
                   **outbox_options: Any) -> AsyncIterator[Harness]:
     tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
                       ca=fleet.ca)
     options = {"commit_window_ms": 1.0, **outbox_options}
     outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **options))
     writer = asyncio.create_task(outbox.run())
-    settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp")
+    settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp",
+                            **(mqtt or {}))
     server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(acl or ACLSettings()), outbox)
     await server.start()
     try:
@@ -448,6 +449,30 @@ async def test_expired_retained_messages_leave_the_session_file(harness: Harness
         assert stored_retained(tmp_path) == []
     finally:
         await asyncio.to_thread(dev.close)
+
+
+async def test_one_device_filling_the_retained_store_leaves_the_others_their_share(fleet: Fleet,
+                                                                                    tmp_path: Path) -> None:
+    """The retained store is bounded (count, bytes) and refuses a new retained message once full. One device
+    retaining on ever new topics of its own filled it, and then every other device's retained messages were
+    refused. From 90 % of a bound a device over its fair share is refused instead (still delivered and recorded),
+    so the other device can still retain."""
+    async with running(fleet, tmp_path, mqtt={"retained_max_count": 20}) as h:
+        quiet, greedy = await h.device("dev-01"), await h.device("dev-00")
+        try:
+            await published(quiet.client.publish("devices/dev-01/status", b"on", qos=1, retain=True))
+            for i in range(30):
+                await published(greedy.client.publish(f"devices/dev-00/r/{i}", b"v", qos=1, retain=True))
+            await published(quiet.client.publish("devices/dev-01/config", b"c", qos=1, retain=True))
+            await h.records(32)  # refused or not, every publish was recorded
+            retained = h.server.broker.retained
+            assert [m.payload for m in retained.matching("devices/dev-01/#", 0.0)] == [b"on", b"c"]
+            assert len(retained.matching("devices/dev-00/#", 0.0)) == 17  # 18 of 20: over its share of 10
+            assert [c.value for c in await asyncio.to_thread(quiet.subscribe, "devices/dev-01/#", 1)] == [1]
+            await until(lambda: sorted(m.payload for m in quiet.messages) == [b"c", b"on"], 5, "the retained ones")
+        finally:
+            await asyncio.to_thread(quiet.close)
+            await asyncio.to_thread(greedy.close)
 
 
 def stored_retained(tmp_path: Path) -> list[tuple[object, ...]]:
