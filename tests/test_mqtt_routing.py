@@ -136,6 +136,35 @@ def test_retained_bounds_and_delete() -> None:
     assert small.refused == 1
 
 
+def test_retained_store_keeps_a_fair_share_for_every_device() -> None:
+    """One device must not fill the retained store with its own topics so that every other device's retained
+    messages are refused: from 90 % of either bound, a device over its fair share (bound / devices holding retained
+    messages, counting the one asking) is refused a new topic; its own topics can always be replaced or deleted."""
+    store = RetainedStore(max_count=20, max_bytes=100_000)
+    assert store.put(Message("b/0", b"v", 1, True, sender="dev-b"))
+    stored = sum(store.put(Message(f"a/{i}", b"v", 1, True, sender="dev-a")) for i in range(30))
+    assert stored == 17 and store.held("dev-a")[0] == 17  # 18 of 20 (the 90 %): over its share of 10
+    assert store.held("dev-a")[1] + store.held("dev-b")[1] == store.bytes
+    assert store.put(Message("a/0", b"again", 1, True, sender="dev-a"))  # replacing its own: allowed
+    assert store.put(Message("b/1", b"v", 1, True, sender="dev-b"))  # the other device still retains
+    assert store.put(Message("c/0", b"v", 1, True, sender="dev-c"))  # and so does a newcomer, up to the bound
+    assert not store.put(Message("c/1", b"v", 1, True, sender="dev-c"))  # full: everyone refused
+    assert store.put(Message("a/1", b"", 1, True, sender="dev-a"))  # deleting its own: allowed
+    assert store.held("dev-a")[0] == 16 and len(store) == 19
+    assert store.refused == 14
+    # Bytes alike: one device's large payloads leave room for the others.
+    big = RetainedStore(max_count=1000, max_bytes=10_000)
+    assert big.put(Message("b/0", b"v", 1, True, sender="dev-b"))
+    while big.put(Message(f"a/{len(big)}", b"x" * 500, 1, True, sender="dev-a")):
+        pass
+    assert big.bytes <= 9_000 + 532 and big.held("dev-a")[1] > 5_000
+    assert big.put(Message("b/1", b"y" * 500, 1, True, sender="dev-b"))
+    # Expiry takes a message off its device's share too.
+    exp = RetainedStore(10, 10_000)
+    exp.put(Message("e/0", b"x", 0, True, sender="dev-e", expires_at=5.0))
+    assert not exp.matching("e/#", 6.0) and exp.held("dev-e") == (0, 0) and exp.bytes == 0
+
+
 def test_retained_expiry() -> None:
     store = RetainedStore(10, 10_000)
     store.put(Message("a", b"x", 0, True, expires_at=5.0))
@@ -197,7 +226,7 @@ async def test_sessions_and_retained_survive_save_and_load(tmp_path: Path) -> No
     props = Properties({P.CONTENT_TYPE: "t"}, user=(("a", "b"),))
     broker.route(Message("devices/dev-1/cmd/x", b"queued", 1, properties=props))
     broker.route(Message("devices/dev-1/cmd/old", b"expired", 1, expires_at=broker.now() - 1))
-    broker.retained.put(Message("devices/dev-1/state", b"on", 1, True))
+    broker.retained.put(Message("devices/dev-1/state", b"on", 1, True, sender="dev-1"))
     broker.open_session("dev-2", clean_start=True)  # expiry 0: not saved
     persist.save(settings.session_store, broker)
     broker.close()
@@ -213,6 +242,7 @@ async def test_sessions_and_retained_survive_save_and_load(tmp_path: Path) -> No
     assert [s.device_id for s in again.index.match("devices/dev-1/cmd/y")] == ["dev-1"]
     assert "dev-2" not in again.sessions
     assert [m.payload for m in again.retained.matching("devices/dev-1/#", again.now())] == [b"on"]
+    assert again.retained.held("dev-1")[0] == 1  # its fair share counts what was restored
     again.close()
 
 

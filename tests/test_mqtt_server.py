@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,15 @@ async def published(info: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None,
+async def running(fleet: Fleet, tmp_path: Path, acl: ACLSettings | None = None, mqtt: dict[str, Any] | None = None,
                   **outbox_options: Any) -> AsyncIterator[Harness]:
     tls = TLSSettings(cert=fleet.folder / "server" / "gateway.crt", key=fleet.folder / "server" / "gateway.key",
                       ca=fleet.ca)
     options = {"commit_window_ms": 1.0, **outbox_options}
     outbox = await Outbox.open(OutboxSettings(path=tmp_path / "outbox.db", **options))
     writer = asyncio.create_task(outbox.run())
-    settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp")
+    settings = MQTTSettings(bind="127.0.0.1", port=0, max_keepalive=120, session_store=tmp_path / "sessions.mp",
+                            **(mqtt or {}))
     server = MQTTServer(settings, server_ssl_context(tls), ACL.from_settings(acl or ACLSettings()), outbox)
     await server.start()
     try:
@@ -450,6 +452,30 @@ async def test_expired_retained_messages_leave_the_session_file(harness: Harness
         await asyncio.to_thread(dev.close)
 
 
+async def test_one_device_filling_the_retained_store_leaves_the_others_their_share(fleet: Fleet,
+                                                                                    tmp_path: Path) -> None:
+    """The retained store is bounded (count, bytes) and refuses a new retained message once full. One device
+    retaining on ever new topics of its own filled it, and then every other device's retained messages were
+    refused. From 90 % of a bound a device over its fair share is refused instead (still delivered and recorded),
+    so the other device can still retain."""
+    async with running(fleet, tmp_path, mqtt={"retained_max_count": 20}) as h:
+        quiet, greedy = await h.device("dev-01"), await h.device("dev-00")
+        try:
+            await published(quiet.client.publish("devices/dev-01/status", b"on", qos=1, retain=True))
+            for i in range(30):
+                await published(greedy.client.publish(f"devices/dev-00/r/{i}", b"v", qos=1, retain=True))
+            await published(quiet.client.publish("devices/dev-01/config", b"c", qos=1, retain=True))
+            await h.records(32)  # refused or not, every publish was recorded
+            retained = h.server.broker.retained
+            assert [m.payload for m in retained.matching("devices/dev-01/#", 0.0)] == [b"on", b"c"]
+            assert len(retained.matching("devices/dev-00/#", 0.0)) == 17  # 18 of 20: over its share of 10
+            assert [c.value for c in await asyncio.to_thread(quiet.subscribe, "devices/dev-01/#", 1)] == [1]
+            await until(lambda: sorted(m.payload for m in quiet.messages) == [b"c", b"on"], 5, "the retained ones")
+        finally:
+            await asyncio.to_thread(quiet.close)
+            await asyncio.to_thread(greedy.close)
+
+
 def stored_retained(tmp_path: Path) -> list[tuple[object, ...]]:
     """The retained table of the session file, read by a second connection (WAL: what is committed)."""
     db = sqlite3.connect(tmp_path / "sessions.db", timeout=5)
@@ -557,3 +583,103 @@ async def test_a_filter_repeated_in_one_subscribe_sends_its_retained_messages_on
     suback, publishes = await asyncio.to_thread(device_side)
     assert isinstance(suback, Suback) and suback.reason_codes == (0,) * 300
     assert publishes == 300
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["clean", "persistent"])
+async def test_pipelined_subscribes_matching_retained_messages_are_bounded_by_the_output(harness: Harness,
+                                                                                       persistent: bool) -> None:
+    """Each SUBSCRIBE answers with every retained message its filters match, and all the packets of one read were
+    processed at once: 50 pipelined SUBSCRIBEs (1.5 KB, one read) matching 2,000 retained messages each built
+    100,000 PUBLISHes into the output of a device that reads nothing (clean session), or held 100,000 retained
+    copies until the session journal's commit (persistent session); 3,000 of them took +1.25 GB. Past a bound
+    (the write buffer's high-water mark, or ``max_queued_messages`` copies awaiting the commit) the packets after a
+    SUBSCRIBE wait, in order, and reading stops until the output drained: what is queued stays within about one
+    SUBSCRIBE's retained messages plus the bound, and every SUBSCRIBE still gets all of its retained messages."""
+    device_id = "dev-04"
+    matches, subscribes = 2000, 50
+    for i in range(matches):
+        harness.server.broker.route(Message(f"devices/{device_id}/r/{i}", b"v", 0, retain=True))
+    peak = {"output": 0, "waiting": 0}
+
+    async def sample() -> None:
+        """The queued count, every loop turn: bytes queued for the device's socket (engine output + transport
+        buffer), and retained copies held for SUBSCRIBEs awaiting the journal's commit."""
+        while True:
+            proto = harness.server.devices.get(device_id)
+            if proto is not None and proto.transport is not None:
+                output = proto.transport.get_write_buffer_size() + sum(len(b) for b in proto.engine._out)
+                peak["output"] = max(peak["output"], output)
+            # SUBACKs awaiting the commit: functools.partial(<ack>, packet id, codes, retained copies)
+            pending: list[tuple[Any, ...]] = [getattr(cb, "args", ()) for cb in harness.server.session_db._callbacks]
+            waiting = sum(len(args[2]) for args in pending if len(args) == 3)
+            peak["waiting"] = max(peak["waiting"], waiting)
+            await asyncio.sleep(0.001)
+
+    def connect() -> RawClient:
+        c = RawClient(harness.fleet.device_context(device_id), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, device_id, not persistent, 60))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    def device_side(c: RawClient) -> tuple[list[object], int]:
+        c.send(*(Subscribe(i + 1, ((f"devices/{device_id}/r/#", SubscriptionOptions(0)),))
+                 for i in range(subscribes)))
+        time.sleep(1.0)  # reads nothing meanwhile
+        subacks: list[object] = []
+        publishes = 0
+        while len(subacks) < subscribes or publishes < subscribes * matches:
+            packet = c.read(timeout=10.0)
+            if packet is None:
+                break
+            if isinstance(packet, Publish):
+                publishes += 1
+            else:
+                subacks.append(packet)
+        c.close()
+        return subacks, publishes
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices[device_id]
+    assert proto.transport is not None
+    # A small kernel send buffer: what the device does not read stays in the gateway, where it is measured.
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sampler = asyncio.create_task(sample())
+    try:
+        subacks, publishes = await asyncio.to_thread(device_side, c)
+    finally:
+        sampler.cancel()
+    # Every SUBACK, in order, and every retained message delivered.
+    assert all(isinstance(p, Suback) for p in subacks)
+    assert [p.packet_id for p in subacks] == list(range(1, subscribes + 1))  # type: ignore[attr-defined]
+    assert publishes == subscribes * matches
+    bound = harness.server.settings.max_queued_messages
+    assert peak["waiting"] <= bound + matches, f"{peak['waiting']} retained copies held for the commit"
+    assert peak["output"] <= 256 * 1024, f"{peak['output']} bytes queued for a device that reads nothing"
+
+
+async def test_subscribes_deferred_for_a_device_that_reads_nothing_end_at_its_keepalive(harness: Harness) -> None:
+    """The keep-alive rule of pause_writing holds for SUBSCRIBEs deferred behind their retained messages: the
+    packets wait for the output to drain, and a device that takes none of it is closed at its keep-alive (its
+    deferred packets forgotten) rather than kept, with its buffers, for as long as its TCP stack lets it."""
+    device_id = "dev-05"
+    for i in range(2000):
+        harness.server.broker.route(Message(f"devices/{device_id}/r/{i}", b"v", 0, retain=True))
+
+    def connect() -> RawClient:
+        c = RawClient(harness.fleet.device_context(device_id), harness.server.port, MQTT_311)
+        c.send(Connect(MQTT_311, device_id, True, 2))
+        assert isinstance(c.read(), Connack)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices[device_id]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await asyncio.to_thread(c.send, *(Subscribe(i + 1, ((f"devices/{device_id}/r/#", SubscriptionOptions(0)),))
+                                      for i in range(50)))
+    await until(lambda: proto._deferred is not None, 5, "the SUBSCRIBEs deferred")
+    await until(lambda: proto.engine.state is ConnectionState.CLOSED, 8, "the keep-alive close")
+    assert proto.engine.close_reason is not None
+    assert proto.engine.close_reason.reason_code is ReasonCode.KEEP_ALIVE_TIMEOUT
+    assert proto._deferred is None
+    c.close()

@@ -6,6 +6,11 @@ full outbox (3.1.1 has no negative acknowledgement; docs/OUTBOX.md) or a rate li
 (docs/POLICY.md). What was parsed after it waits behind it, in order. Reading also pauses at ``receive_maximum``
 unacknowledged publishes, while the outbox is congested, and while the device does not read our answers (the
 transport's write buffer above its high-water mark).
+
+A SUBSCRIBE's retained messages are bounded by the connection's output the same way: once the retained copies
+waiting for the session journal's commit pass ``max_queued_messages``, or the write buffer its high-water mark, the
+packets parsed after that SUBSCRIBE are deferred (in order) and reading stops, until the output drained. Without it
+one read of pipelined SUBSCRIBEs, each matching thousands of retained messages, built them all at once (1.25 GB).
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class FlowControl:
     _blocked_output: int
     _held: _Held | None
     _admitted: PublishReceived | None
+    _deferred: list[Event] | None
+    _deferred_scheduled: bool
+    _retained_waiting: int
 
     # --- 3.1.1 backpressure on a full outbox (docs/OUTBOX.md) ------------------------------------------------
 
@@ -89,25 +97,28 @@ class FlowControl:
             self._maybe_resume()
 
     def _release_held(self) -> None:
-        """The connection ended with publishes held: they were never acknowledged (the device resends them).
+        """The connection ended with publishes held (or deferred behind a SUBSCRIBE's retained messages): they were
+        never acknowledged (the device resends them).
         Forget their packet ids, QoS 2 ones included, so a resend on a later connection is not mistaken for one
         being committed."""
-        held = self._held
-        if held is None or self.engine.state is not ConnectionState.CLOSED:
+        held, deferred = self._held, self._deferred
+        if (held is None and deferred is None) or self.engine.state is not ConnectionState.CLOSED:
             return
-        self._held = None
-        for event in (held.event, *held.rest):
+        self._held = self._deferred = None
+        events: list[Event] = [held.event, *held.rest] if held is not None else deferred or []
+        for event in events:
             if isinstance(event, PublishReceived) and event.publish.packet_id is not None \
                     and self.engine.awaits_ack(event.publish.packet_id):
                 self.engine.ack_publish(event.publish.packet_id, ReasonCode.QUOTA_EXCEEDED)  # closed: sends nothing
 
     @property
     def held_inflight(self) -> int:
-        """QoS 1/2 publishes held back (counted in ``engine.inflight``, never submitted)."""
-        held = self._held
-        if held is None:
+        """QoS 1/2 publishes held back or deferred (counted in ``engine.inflight``, never submitted)."""
+        held, deferred = self._held, self._deferred
+        if held is None and deferred is None:
             return 0
-        return sum(1 for e in (held.event, *held.rest) if isinstance(e, PublishReceived)
+        events: list[Event] = [held.event, *held.rest] if held is not None else deferred or []
+        return sum(1 for e in events if isinstance(e, PublishReceived)
                    and e.publish.packet_id is not None and self.engine.awaits_ack(e.publish.packet_id))
 
 
@@ -193,7 +204,37 @@ class FlowControl:
         self._write_blocked = False
         self._maybe_resume()
 
+    # --- a SUBSCRIBE's retained messages, bounded by the output ----------------------------------------------
+
+    def _output_room(self) -> bool:
+        """May this connection's next packet be processed? Not while the retained copies waiting for the session
+        journal's commit are past ``max_queued_messages``, nor while the write buffer is above its high-water
+        mark (each SUBSCRIBE may add thousands of PUBLISHes to either)."""
+        return not self._write_blocked and self._retained_waiting <= self.server.settings.max_queued_messages
+
+    def _defer(self, events: list[Event]) -> None:
+        """The output is over its bound: keep ``events`` (parsed, not processed) in order, and stop reading until
+        the output drained (:meth:`_run_deferred`)."""
+        self._deferred = events
+        self.pause(reason="output_full")
+
+    def _run_deferred(self) -> None:
+        """Scheduled (never run inside a write or another packet's processing, so order holds): the output has
+        drained, process what was deferred (it may defer again), then resume reading."""
+        self._deferred_scheduled = False
+        events = self._deferred
+        if events is None or self.engine.state is not ConnectionState.CONNECTED or not self._output_room():
+            return
+        self._deferred = None
+        self._process(events)
+        self._maybe_resume()
+
     def _maybe_resume(self) -> None:
+        if self._deferred is not None:  # packets wait for the output first; reading resumes after them
+            if not self._deferred_scheduled and self._output_room():
+                self._deferred_scheduled = True
+                self._loop.call_soon(self._run_deferred)
+            return
         if (self._paused and self._held is None and not self._write_blocked and not self.server._draining
                 and self.transport is not None
                 and self.engine.state is ConnectionState.CONNECTED

@@ -245,10 +245,10 @@ class LocalBroker:
 
     # --- subscriptions -------------------------------------------------------------------------------------
 
-    def subscribe(self, session: Session, packet: Subscribe, acl: ACL,
-                  acl_id: str) -> tuple[tuple[int, ...], list[Outgoing]]:
+    def subscribe(self, session: Session, packet: Subscribe, acl: ACL, acl_id: str,
+                  with_retained: bool = True) -> tuple[tuple[int, ...], list[Outgoing]]:
         """Add the filters the ACL allows. Returns one reason code per filter, and the retained messages to send
-        once the SUBACK is out (:meth:`deliver_all`)."""
+        once the SUBACK is out (:meth:`deliver_all`); none without ``with_retained`` (nothing will be sent)."""
         codes: list[int] = []
         sub_ids = packet.properties.subscription_ids
         sub_id = sub_ids[0] if sub_ids else None
@@ -294,7 +294,7 @@ class LocalBroker:
                 wanted[topic_filter] = (flt, opts.qos)  # replaced within the packet: the QoS granted last
         retained: list[Outgoing] = []
         now = self.now()
-        for flt, qos in wanted.values():
+        for flt, qos in wanted.values() if with_retained else ():
             for m in self.retained.matching(flt, now, self.journal.retained_changed):
                 # MQTT-3.3.1-9: retained messages sent for a new subscription keep RETAIN set.
                 retained.append(Outgoing(m, min(m.qos, qos), (sub_id,) if sub_id else (), retain=True))

@@ -79,6 +79,9 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         self._closed_logged = False
         self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
         self._admitted: PublishReceived | None = None  # a rate-limited publish being released (tokens taken)
+        self._deferred: list[Event] | None = None  # parsed, waiting for the output to drain (_flow._defer)
+        self._deferred_scheduled = False
+        self._retained_waiting = 0  # retained copies of SUBSCRIBEs awaiting the session journal's commit
         # Topics this connection was allowed to publish to under ``_allowed_by`` (the ACL object: a reload replaces
         # it, and with it this cache). A device publishes to a few topics, and the ACL splits the topic and expands
         # every pattern per check.
@@ -145,9 +148,11 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         # MQTT-3.1.2-24: close if nothing arrived for one and a half keep-alive periods.
         limit = 1.5 * self.engine.keepalive
         idle = self._loop.time() - self._last_rx
-        if self._held is not None or self._output_drains():
-            # We stopped reading (a publish held for room in the outbox, or our answers read only slowly): its
-            # silence says nothing. A device that gave up closes its socket, which is seen once reading resumes.
+        deferred = self._deferred is not None and not self._write_blocked  # waits for the journal, not the device
+        if self._held is not None or self._output_drains() or deferred:
+            # We stopped reading (a publish held for room in the outbox, packets deferred until a SUBSCRIBE's
+            # retained messages are committed, or our answers read only slowly): its silence says nothing. A device
+            # that gave up closes its socket, which is seen once reading resumes.
             self._last_rx = self._loop.time()
             self._timer = self._loop.call_later(limit, self._check_keepalive)
         elif idle >= limit:
@@ -182,6 +187,14 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
             self._held.rest.extend(events)
             self.flush()
             return
+        if self._deferred is not None:  # the same, behind packets waiting for the output to drain
+            self._deferred.extend(events)
+            if self.engine.state is ConnectionState.CONNECTED:
+                self.flush()
+                return
+            # Closed by what just came (DISCONNECT, a bad packet): no output will be sent any more, so nothing
+            # waits for it; the packets are processed now, in order (a SUBSCRIBE then looks up no retained message).
+            events, self._deferred = self._deferred, None
         self._process(events)
 
     def eof_received(self) -> bool | None:
@@ -199,7 +212,17 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
             elif isinstance(event, ConnectionClosed):
                 self._log_closed(event)
             elif isinstance(event, SubscribeRequested):
+                # A SUBSCRIBE may add thousands of retained PUBLISHes: past the output's bound, it and what follows
+                # wait for the output to drain (_flow._defer); after it, the same, so memory stays within one
+                # SUBSCRIBE's retained messages and the bound.
+                if not self._output_room() and self.engine.state is ConnectionState.CONNECTED:
+                    self._defer(events[i:])
+                    break
                 self._on_subscribe(event)
+                self.flush()  # its output into the transport, whose write buffer may pass its high-water mark
+                if not self._output_room() and self.engine.state is ConnectionState.CONNECTED:
+                    self._defer(events[i + 1:])
+                    break
             elif isinstance(event, UnsubscribeRequested):
                 assert self.session is not None
                 codes = self.server.broker.unsubscribe(self.session, event.unsubscribe)
@@ -219,12 +242,26 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         if any(sid == 0 for sid in packet.properties.subscription_ids):
             self._log_closed(self.engine.close(ReasonCode.PROTOCOL_ERROR, "subscription identifier 0"))
             return
-        codes, retained = self.server.broker.subscribe(self.session, packet, self.acl, self.device_id)
-        ack = functools.partial(self._subscribed, packet.packet_id, codes, retained)
+        # Closed (by a packet parsed in the same read): its retained messages would never be sent.
+        live = self.engine.state is ConnectionState.CONNECTED
+        codes, retained = self.server.broker.subscribe(self.session, packet, self.acl, self.device_id,
+                                                       with_retained=live)
         if self.session.durable:
-            self.server.session_db.after_commit(ack)  # SUBACK once the subscription is on disk
+            self._retained_waiting += len(retained)  # held until the commit: bounded by _output_room
+            self.server.session_db.after_commit(  # SUBACK once the subscription is on disk
+                functools.partial(self._subscribe_committed, packet.packet_id, codes, retained))
         else:
-            ack(True)
+            self._subscribed(packet.packet_id, codes, retained, True)
+
+    def _subscribe_committed(self, packet_id: int, codes: tuple[int, ...], retained: list[Outgoing],
+                             ok: bool) -> None:
+        self._retained_waiting -= len(retained)
+        # Its output is flushed soon (server.flush_soon), before a _run_deferred scheduled now: deferred packets
+        # go on only if the write buffer is then below its high-water mark. Not flushed here: the next SUBACK of
+        # this commit would find the buffer full and drop its QoS 0 retained copies as backlogged.
+        self._subscribed(packet_id, codes, retained, ok)
+        if retained:
+            self._maybe_resume()
 
     def _subscribed(self, packet_id: int, codes: tuple[int, ...], retained: list[Outgoing], ok: bool) -> None:
         if self.engine.state is not ConnectionState.CONNECTED or self.session is None:
@@ -376,7 +413,7 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
                                             ReasonCode.SUCCESS if normal else event.reason_code)
 
     def _log_closed(self, event: ConnectionClosed) -> None:
-        if self._held is not None:
+        if self._held is not None or self._deferred is not None:
             self._release_held()
         self._end(event)
         if self._closed_logged:

@@ -152,7 +152,7 @@ def restore(broker: LocalBroker, data: bytes) -> tuple[int, int]:
     retained = 0
     for m in snap["retained"]:
         message = _unmsg(m, mono, elapsed)
-        if message is not None and broker.retained.put(message):
+        if message is not None and broker.retained.put(message, fair=False):
             retained += 1
     return restored, retained
 

@@ -1,7 +1,11 @@
 """Retained messages (MQTT 5 §3.3.1.3), bounded by count and bytes. In memory; pure, no I/O.
 
 A new retained message past either bound is refused (not stored; it is still delivered and enters the outbox):
-dropping an older device's retained message to make room would let one device erase another's state.
+dropping an older device's retained message to make room would let one device erase another's state. Refusing
+only at the bound would let one device fill the store with its own topics and every other device be refused, so
+the outbox's reject-new fairness applies (docs/OUTBOX.md): from FAIR_SHARE_FROM of either bound, a device holding
+more than its fair share (bound / devices holding retained messages, counting the one asking) has a new retained
+message refused; replacing or deleting one of its own topics is always allowed (the bounds themselves still hold).
 
 Every filter of every SUBSCRIBE looks retained messages up (retain handling 0: every time, and a filter may repeat
 within one packet), so a lookup with wildcards walks a tree of the stored topics' levels, visiting only the levels
@@ -14,6 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from edgegw.mqtt.session import Message
+
+FAIR_SHARE_FROM = 0.9
+"""Past this fill (count or bytes) of the store, a device over its fair share has a new retained message refused
+(the outbox's rule, edgegw/outbox/_admission.py)."""
 
 
 @dataclass(slots=True)
@@ -35,29 +43,71 @@ class RetainedStore:
         self._stored = 0
         self.bytes = 0
         self.refused = 0
+        self._held: dict[str | None, list[int]] = {}
+        """Per publishing device (``Message.sender``): [retained messages, bytes] it holds here, for the fair share."""
 
     def __len__(self) -> int:
         return len(self._messages)
 
-    def put(self, message: Message) -> bool:
-        """Store (or, with an empty payload, delete: MQTT-3.3.1-10) the retained message for its topic."""
+    def put(self, message: Message, fair: bool = True) -> bool:
+        """Store (or, with an empty payload, delete: MQTT-3.3.1-10) the retained message for its topic. ``fair``
+        False at a restore: what was stored before is stored again whatever the order of the rows, within the
+        bounds (a device may have grown past its share since, by replacing its own topics, or others leaving)."""
         old = self._messages.pop(message.topic, None)
         if old is not None:
-            self.bytes -= old.size
+            self._forget(old)
         if not message.payload:
             if old is not None:
                 self._unlink(old.topic)
             return True
-        if len(self._messages) >= self.max_count or self.bytes + message.size > self.max_bytes:
+        if len(self._messages) >= self.max_count or self.bytes + message.size > self.max_bytes \
+                or (fair and not (old is not None and old.sender == message.sender) and self._over_share(message)):
             if old is not None:  # keep the previous value rather than lose both
                 self._messages[old.topic] = old
-                self.bytes += old.size
+                self._hold(old)
             self.refused += 1
             return False
         self._messages[message.topic] = message
-        self.bytes += message.size
+        self._hold(message)
         self._link(message.topic)
         return True
+
+    def held(self, sender: str | None) -> tuple[int, int]:
+        """(retained messages, bytes) ``sender`` holds in the store."""
+        usage = self._held.get(sender)
+        return (usage[0], usage[1]) if usage is not None else (0, 0)
+
+    def _over_share(self, message: Message) -> bool:
+        """Near a bound, is the sender of this new retained message over its fair share (bound / devices holding
+        retained messages, counting this one)? The outbox's reject-new rule, so the last 10 % stays for others."""
+        size = message.size
+        near_count = len(self._messages) + 1 > FAIR_SHARE_FROM * self.max_count
+        near_bytes = self.bytes + size > FAIR_SHARE_FROM * self.max_bytes
+        if not (near_count or near_bytes):
+            return False
+        usage = self._held.get(message.sender)
+        devices = len(self._held) + (usage is None)
+        count, held_bytes = usage if usage is not None else (0, 0)
+        return (near_count and count + 1 > self.max_count / devices) \
+            or (near_bytes and held_bytes + size > self.max_bytes / devices)
+
+    def _hold(self, message: Message) -> None:
+        self.bytes += message.size
+        usage = self._held.get(message.sender)
+        if usage is None:
+            self._held[message.sender] = [1, message.size]
+        else:
+            usage[0] += 1
+            usage[1] += message.size
+
+    def _forget(self, message: Message) -> None:
+        """``message`` left the store (replaced, deleted, expired): off the bytes and its sender's share."""
+        self.bytes -= message.size
+        usage = self._held[message.sender]
+        usage[0] -= 1
+        usage[1] -= message.size
+        if not usage[0]:
+            del self._held[message.sender]
 
     def matching(self, topic_filter: str, now: float,
                  on_expired: Callable[[str], None] | None = None) -> list[Message]:
@@ -70,9 +120,9 @@ class RetainedStore:
             found = [self._messages[topic] for topic in self._topics(topic_filter)]
         expired = [m for m in found if m.expires_at is not None and m.expires_at <= now]
         for m in expired:
-            self._messages.pop(m.topic, None)
+            if self._messages.pop(m.topic, None) is not None:
+                self._forget(m)
             self._unlink(m.topic)
-            self.bytes -= m.size
             if on_expired is not None:
                 on_expired(m.topic)
         return [m for m in found if m.expires_at is None or m.expires_at > now]

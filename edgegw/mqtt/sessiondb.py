@@ -305,7 +305,7 @@ class SessionDB:
             if message is None:  # expired while stored: out of the file too
                 self.retained_changed(packed[0])
                 continue
-            if broker.retained.put(message):
+            if broker.retained.put(message, fair=False):
                 count += 1
         if self._ops:
             self._wake.set()
