@@ -521,6 +521,69 @@ async def test_a_device_that_stops_reading_altogether_is_closed_at_its_keepalive
     c.close()
 
 
+async def test_a_slow_reader_getting_deliveries_faster_than_it_reads_is_not_closed_at_its_keepalive(
+        harness: Harness) -> None:
+    """Between the two tests above: reading is paused for a device whose answers pile up, QoS 0 deliveries keep
+    coming (they are written until ``max_queued_bytes``) faster than it reads, so the buffer grows although the
+    device is reading. Its keep-alive must count what it takes (bytes handed to the socket), not whether the buffer
+    shrank: it was closed for a keep-alive timeout while reading."""
+
+    def connect() -> RawClient:
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.settimeout(5.0)
+        raw.connect(("127.0.0.1", harness.server.port))
+        c = RawClient.__new__(RawClient)
+        ctx = harness.fleet.device_context("dev-09")
+        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
+        c.send(Connect(MQTT_311, "dev-09", True, 1))
+        assert isinstance(c.read(), Connack)
+        c.send(Subscribe(1, (("devices/dev-09/in/#", SubscriptionOptions(0)),)))
+        assert isinstance(c.read(), Suback)
+        return c
+
+    c = await asyncio.to_thread(connect)
+    proto = harness.server.devices["dev-09"]
+    assert proto.transport is not None
+    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    def flood() -> None:  # PINGREQs until the gateway stops reading us (its answers pass the high-water mark)
+        c.sock.settimeout(1.0)
+        with contextlib.suppress(TimeoutError, OSError):
+            c.sock.sendall(encode_packet(Pingreq(), MQTT_311) * (1 << 18))
+
+    await asyncio.to_thread(flood)
+    assert proto._write_blocked
+    reading = True
+
+    def read_slowly() -> int:  # ~80 KB/s, and a PINGREQ every 0.3 s as its keep-alive of 1 s asks
+        got = 0
+        c.sock.settimeout(2.0)
+        ping = encode_packet(Pingreq(), MQTT_311)
+        last_ping = time.monotonic()
+        while reading:
+            data = c.sock.recv(4096)
+            if not data:
+                break
+            got += len(data)
+            if time.monotonic() - last_ping > 0.3:
+                c.sock.sendall(ping)
+                last_ping = time.monotonic()
+            time.sleep(0.05)
+        return got
+
+    reader = asyncio.create_task(asyncio.to_thread(read_slowly))
+    payload = b"x" * 1000
+    for _ in range(35):  # 3.5 s, over two keep-alive checks (1.5 s each): ~200 KB/s of QoS 0 deliveries
+        for _ in range(20):
+            harness.server.broker.route(Message("devices/dev-09/in/cmd", payload, 0))
+        await asyncio.sleep(0.1)
+        assert proto.engine.state is ConnectionState.CONNECTED, proto.engine.close_reason
+    reading = False
+    assert await reader > 100_000  # it did read all along
+    c.close()
+
+
 async def test_a_wildcard_subscribe_costs_what_it_matches_not_the_whole_retained_store(harness: Harness) -> None:
     """Retained messages are looked up for every filter of a SUBSCRIBE (retain handling 0: every time, and a
     filter may repeat in one packet). The lookup must cost what the filter can match, not a scan of every retained

@@ -12,7 +12,7 @@ token manager, so the resource site serves it like any aiocoap remote.
 
 Private aiocoap API used (pinned: aiocoap==0.4.17): ``transports.tcp.TcpConnection`` / ``TCPServer`` internals
 (``_spool``, ``_transport``, ``_my_max_message_size``, ``_pool``, ``_tokenmanager``; ``data_received``'s body is
-:meth:`DeviceConnection._feed`, with ``_extract_message_size``, ``_decode_message``, ``_process_signaling``,
+:meth:`DeviceConnection._frame`, with ``_extract_message_size``, ``_decode_message``, ``_process_signaling``,
 ``_remote_settings``, ``_ctx._dispatch_incoming`` / ``_dispatch_error``).
 """
 
@@ -83,7 +83,7 @@ class DeviceConnection(TcpConnection):
         """The device does not read our answers (the transport's write buffer is over its high-water mark)."""
         self._reading = True
         self._held = bytearray()
-        """Bytes read and not yet handed to aiocoap (:meth:`_feed`): at most one read past a pause."""
+        """Bytes read and not yet framed (:meth:`_frame`): a partial message, or at most one read past a pause."""
         self._lost = False
 
     # --- output: the responses of one commit group go out in one write (one TLS record, one send) -------------
@@ -120,62 +120,68 @@ class DeviceConnection(TcpConnection):
             self._early.append(data)
             return
         self.last_rx = self.loop.time()
-        self._held += data
-        self._feed()
+        held = self._held
+        if held:  # the rest of an earlier read waits (a pause, a partial message): behind it, in order
+            held += data
+            self._feed()
+            return
+        pos = self._frame(data)  # the common case: the read framed as it is, no copy into the buffer
+        if pos < len(data):
+            held += memoryview(data)[pos:]
 
     def _feed(self) -> None:
-        """Frame and dispatch the held bytes as aiocoap's ``TcpConnection.data_received`` does (its body, pinned
-        0.4.17), but one message at a time and none while reading is paused: aiocoap dispatches every message of a
-        read at once, so a device pipelining requests had as many awaiting their commit as one read holds (2,000
-        with max_inflight = 4, measured), past max_inflight and the write high-water mark. What is held waits for
-        :meth:`_read_or_not` to read again (the device may send nothing more meanwhile). Framing here, not by
-        handing aiocoap one message at a time, keeps the hot path at one length parse and one copy per message."""
-        held, pos = self._held, 0
-        n = len(held)
+        """Frame and dispatch what is held (:meth:`_frame`); keep what it did not take."""
+        held = self._held
+        del held[:self._frame(held)]
+
+    def _frame(self, buf: bytes | bytearray) -> int:
+        """Frame and dispatch ``buf`` as aiocoap's ``TcpConnection.data_received`` does (its body, pinned 0.4.17),
+        but one message at a time and none while reading is paused; returns how many bytes were taken. aiocoap
+        dispatches every message of a read at once, so a device pipelining requests had as many awaiting their
+        commit as one read holds (2,000 with max_inflight = 4, measured), past max_inflight and the write high-water
+        mark. What is left waits in ``_held`` for :meth:`_read_or_not` to read again (the device may send nothing
+        more meanwhile). One length parse and one copy per message (none for a read that is exactly one message)."""
+        pos = 0
+        n = len(buf)
         try:
             while self._reading and pos < n:
                 transport = self._transport
                 if transport is None or transport.is_closing():
-                    pos = n  # closed meanwhile (an Abort, a refused device): the rest is not served
-                    break
-                size = _extract_message_size(held[pos:pos + 5])  # the length field: 1 + at most 4 bytes
+                    return n  # closed meanwhile (an Abort, a refused device): the rest is not served
+                size = _extract_message_size(buf[pos:pos + 5])  # the length field: 1 + at most 4 bytes
                 if size is None:
                     break
                 end = pos + sum(size)
                 if end - pos > self._my_max_message_size:
-                    pos = n
                     self.abort("Overly large message announced")
-                    break
+                    return n
                 if end > n:
                     break  # the rest of this message is still to come
+                chunk = buf[pos:end]
                 try:
-                    msg = _decode_message(bytes(held[pos:end]))
+                    msg = _decode_message(chunk if type(chunk) is bytes else bytes(chunk))
                 except coap_error.UnparsableMessage:
-                    pos = n
                     self.abort("Failed to parse message")
-                    break
+                    return n
                 pos = end
                 msg.remote = self
                 if msg.code.is_signalling():
                     try:
                         self._process_signaling(msg)
                     except rfc8323common.CloseConnection as exc:
-                        pos = n
                         self._ctx._dispatch_error(self, exc.args[0])
                         transport.close()
-                        break
+                        return n
                     continue
                 if self._remote_settings is None:
-                    pos = n
                     self.abort("No CSM received")
-                    break
+                    return n
                 self._ctx._dispatch_incoming(self, msg)
         except Exception as exc:  # noqa: BLE001 - junk must close this connection, never reach the loop
-            pos = n
             log.warning("coap.protocol_error", peer=self.peer, device_id=self._device_id, error=repr(exc)[:200])
             self.close()
-        finally:
-            del held[:pos]
+            return n
+        return pos
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True

@@ -44,6 +44,9 @@ log = structlog.get_logger("edgegw.mqtt")
 HIGH_WATER = 64 * 1024
 """Default write buffer limits (asyncio's): the protocol is asked to pause writing above, resumed at or below."""
 LOW_WATER = 16 * 1024
+COALESCE_MAX = 16 * 1024
+"""Bytes queued behind a blocked write joined into one OpenSSL write at most (:meth:`TLSTransport._flush`): a TLS
+record holds 16 KiB, so joining more saves no record, and keeps ``sent`` from moving while a slow peer reads."""
 READ_BUDGET = 256 * 1024
 """Plaintext bytes read from one connection per loop wake-up (asyncio reads up to 256 KiB per wake-up too), so a
 device that sends without pause cannot keep the loop from the others."""
@@ -85,7 +88,7 @@ class TLSTransport(asyncio.Transport):
     __slots__ = ("_close_timeout", "_fd", "_high", "_hs_write", "_io", "_loop", "_low", "_on_handshake", "_protocol",
                  "_raw_pending", "_read_waits_write", "_reader_on", "_reading", "_scratch", "_send_blocked", "_sock",
                  "_state", "_timer", "_wbuf", "_write_paused", "_write_waits_read", "_writer_on", "_wsize",
-                 "read_ahead")
+                 "read_ahead", "sent")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, protocol: asyncio.Protocol,
                  scratch: memoryview, *, handshake_timeout: float, on_handshake: HandshakeDone,
@@ -103,6 +106,9 @@ class TLSTransport(asyncio.Transport):
         self._wbuf: list[bytes] = []
         """Plaintext OpenSSL has not taken yet; ``_wbuf[0]`` is the write it asked to be retried as is."""
         self._wsize = 0
+        self.sent = 0
+        """Plaintext bytes OpenSSL took (a count that only grows): how far a peer that reads slowly got, which the
+        buffer's size cannot say while more is written to it (mqtt/device.py ``_output_drains``)."""
         self._high, self._low = HIGH_WATER, LOW_WATER
         self._write_paused = False
         self._hs_write = self._send_blocked = False
@@ -320,10 +326,15 @@ class TLSTransport(asyncio.Transport):
         wbuf = self._wbuf
         while wbuf and write is not None:
             if len(wbuf) > 2:
-                # Coalesce what queued behind the head; the head itself must be retried exactly as it was.
-                rest = b"".join(wbuf[1:])
-                del wbuf[1:]
-                wbuf.append(rest)
+                # Coalesce what queued behind the head (the head itself must be retried exactly as it was), up to
+                # COALESCE_MAX: OpenSSL takes a write whole or not at all, so ``sent`` moves once per write, and a
+                # slow reader must be seen making progress in less than its keep-alive (mqtt/_flow.output_mark).
+                end, size = 1, 0
+                while end < len(wbuf) and size < COALESCE_MAX:
+                    size += len(wbuf[end])
+                    end += 1
+                if end > 2:
+                    wbuf[1:end] = [b"".join(wbuf[1:end])]
             data = wbuf[0]
             try:
                 write(data)  # all of it or nothing: CPython does not enable partial writes
@@ -340,6 +351,7 @@ class TLSTransport(asyncio.Transport):
                 return
             del wbuf[0]
             self._wsize -= len(data)
+            self.sent += len(data)
         self._send_blocked = False
         self._update()
         if self._write_paused and self._wsize <= self._low:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import structlog
 
 from edgegw.identity import DeviceIdentity, identity_from_peercert
-from edgegw.mqtt._flow import FlowControl, _Held
+from edgegw.mqtt._flow import FlowControl, _Held, output_mark
 from edgegw.mqtt._ingress import PublishIngress
 from edgegw.mqtt.connection import (
     ConnectionClosed,
@@ -75,7 +75,7 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._write_blocked = False  # our write buffer is above its high-water mark (_flow.pause_writing)
-        self._blocked_output = 0  # its size when the keep-alive last looked (_output_drains)
+        self._blocked_output = 0  # output_mark when the keep-alive last looked (_output_drains)
         self._closed_logged = False
         self._held: _Held | None = None  # 3.1.1: the publish the full outbox refused, and what came after it
         self._admitted: PublishReceived | None = None  # a rate-limited publish being released (tokens taken)
@@ -166,9 +166,9 @@ class DeviceProtocol(PublishIngress, FlowControl, asyncio.Protocol):
         is, rather than hold its buffers for as long as its TCP stack acknowledges a zero window."""
         if not self._write_blocked or self.transport is None:
             return False
-        size = self.transport.get_write_buffer_size()
-        progressed = size < self._blocked_output
-        self._blocked_output = size
+        mark = output_mark(self.transport)
+        progressed = mark > self._blocked_output
+        self._blocked_output = mark
         return progressed
 
     @property

@@ -161,7 +161,10 @@ class RetainedStore:
     def _link(self, topic: str) -> None:
         node = self._root
         for level in topic.split("/"):
-            node = node.children.setdefault(level, _Level())
+            child = node.children.get(level)
+            if child is None:  # not setdefault: that builds a level (and its dict) on every store, found or not
+                child = node.children[level] = _Level()
+            node = child
         node.topic = topic
         self._stored += 1
         node.stored = self._stored

@@ -189,9 +189,11 @@ class GroupWriter(Admission, Upkeep):
         acks = self._take_acks(group)
         deletes = self._to_delete
         self._to_delete = set()
-        self._deleting = deletes
         quarantine = self._to_quarantine
         self._to_quarantine = []
+        # Settled while this commit runs (_settled_ids): the uplink's reads must not hand these out again, moves
+        # into quarantine included.
+        self._deleting = deletes | {rid for rid, _ in quarantine} if quarantine else deletes
         now = time.monotonic()
         expire = self._settings.ttl > 0 and now >= self._expire_due
         disk_due = self._disk_limited and now - self._disk_checked >= _DISK_CHECK_EVERY  # read free space again
