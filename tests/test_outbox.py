@@ -332,3 +332,41 @@ async def test_a_commit_that_keeps_failing_is_retried_paced_and_stop_still_retur
             writer.cancel()
         await outbox.close()
     assert len(rows_on_disk(tmp_path / "outbox.db")) == 10  # not deleted: sent again after the restart
+
+
+async def test_backlog_read_without_skipped_devices_keeps_its_index_walk(tmp_path: Path) -> None:
+    """``fetch_backlog(skip_devices=...)`` (the backfill's devices let go in a pass) leaves exactly their rows out,
+    in every class, and its query plan is still the walk of records_by_priority (classes != 1) or of the primary
+    key (class 1), with the device list built once per query: not a scan of the table or of another index."""
+    outbox = await Outbox.open(settings(tmp_path))
+    writer = asyncio.create_task(outbox.run())
+    try:
+        records = [outbox.submit(f"d{i % 3}", "devices/d/x", b"%d" % i, 1, priority=i % 3) for i in range(60)]
+        for _ in range(500):
+            if outbox.committed_id >= records[-1].id:
+                break
+            await asyncio.sleep(0.01)
+        queries: list[tuple[str, tuple]] = []
+        real_execute = outbox._reader.execute
+
+        def recording_execute(sql: str, params: tuple = ()) -> object:
+            queries.append((sql, params))
+            return real_execute(sql, params)
+
+        outbox._reader.execute = recording_execute  # type: ignore[method-assign]
+        for priority in range(3):
+            got = await outbox.fetch_backlog(priority, 0, outbox.committed_id, 100, {"d1": 0}.keys())
+            assert [r.id for r in got] == [r.id for r in records if r.priority == priority and r.device_id != "d1"]
+        outbox._reader.execute = real_execute  # type: ignore[method-assign]
+        assert len(queries) == 3 and all("json_each" in sql for sql, _ in queries)
+        with sqlite3.connect(outbox._settings.path) as db:
+            for (sql, params), priority in zip(queries, range(3), strict=True):
+                plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, params)]
+                walk = ("USING INTEGER PRIMARY KEY" if priority == 1
+                        else "USING INDEX records_by_priority (priority=? AND id>? AND id<?)")
+                assert plan[0].startswith("SEARCH records ") and walk in plan[0], plan
+                assert "LIST SUBQUERY" in " ".join(plan) and "CORRELATED" not in " ".join(plan), plan
+    finally:
+        outbox.stop()
+        await writer
+        await outbox.close()

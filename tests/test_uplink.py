@@ -394,15 +394,18 @@ async def test_unsendable_records_are_quarantined_without_dropping_the_connectio
 class ThrottlingServer:
     """A scripted MQTT 5 server over mutual TLS that answers the first ``refuse`` PUBLISHes with PUBACK 0x97 (Quota
     exceeded, as AWS IoT does when it throttles) and the rest with 0x00; mosquitto cannot answer 0x97. Keeps every
-    PUBLISH: (arrival time, payloads it carried, the reason code it got)."""
+    PUBLISH: (arrival time, payloads it carried, the reason code it got). ``late``: PUBLISH number -> seconds its
+    PUBACK is held back (the time it went out in ``answered``)."""
 
-    def __init__(self, pki: LabPKI, refuse: int) -> None:
+    def __init__(self, pki: LabPKI, refuse: int, late: dict[int, float] | None = None) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ctx.load_cert_chain(str(pki.server.cert), str(pki.server.key))
         self.ctx.load_verify_locations(cafile=str(pki.ca))
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.refuse = refuse
         self.publishes: list[tuple[float, list[bytes], int]] = []
+        self.late = late or {}
+        self.answered: dict[int, float] = {}
         self.connections = 0
         self.host = "127.0.0.1"
         self.port = 0
@@ -455,15 +458,25 @@ class ThrottlingServer:
                     payload = bytes(body[pos + props:])
                     payloads = ([r["payload"] for r in decode_frame(payload)] if topic.endswith("/_batch")
                                 else [payload])
-                    code = 0x97 if len(self.publishes) < self.refuse else 0x00
+                    index = len(self.publishes)
+                    code = 0x97 if index < self.refuse else 0x00
                     self.publishes.append((time.monotonic(), payloads, code))
-                    writer.write(b"\x40\x03" + mid + bytes((code,)))
+                    puback = b"\x40\x03" + mid + bytes((code,))
+                    if index in self.late:
+                        asyncio.get_running_loop().call_later(self.late[index], self._answer, writer, puback, index)
+                    else:
+                        self._answer(writer, puback, index)
                 elif kind == 12:  # PINGREQ
                     writer.write(b"\xd0\x00")
                 elif kind == 14:  # DISCONNECT
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
             return
+
+    def _answer(self, writer: asyncio.StreamWriter, puback: bytes, index: int) -> None:
+        if not writer.is_closing():
+            writer.write(puback)
+            self.answered[index] = time.monotonic()
 
 
 @pytest.mark.parametrize("client,batch,window,refuse", [("native", 1, 10, 20), ("paho", 1, 10, 20),
@@ -508,6 +521,34 @@ async def test_puback_quota_exceeded_backs_off_and_resends_nothing_quarantined(
     assert len(warnings) == 2 and [w["backoff"] for w in warnings] == [1.0, 2.0], warnings
     assert all(w["log_level"] == "warning" for w in warnings)
     assert not any(e["event"] == "uplink.publish_refused" for e in logs)
+    assert uplink.reconnects == 0 and server.connections == 1
+
+
+@pytest.mark.parametrize("client", ["native", "paho"])
+async def test_a_puback_quota_exceeded_after_the_backoff_ended_starts_a_new_one(
+        client: str, pki: LabPKI, outbox: Outbox) -> None:
+    """Two PUBLISHes in flight, both refused 0x97: the first at once (a 1 s backoff), the second 1.5 s later, once
+    that backoff is over but while the pump still waits for it (nothing goes again while a PUBLISH is in flight).
+    That second 0x97 is the upstream still throttling: it starts a second backoff (2 s, a backoff in a row). Before,
+    it was taken for one of the first backoff (``throttled_until`` was still set, in the past) and ignored: the
+    lanes went again at once into the throttling upstream."""
+    backlog = submit(outbox, ["q1", "q2"], 10)
+    await eventually(lambda: outbox.committed_id >= backlog[-1].id, 5, "committed")
+    async with ThrottlingServer(pki, refuse=2, late={1: 1.5}) as server:
+        settings = uplink_settings(server, pki, client=client, inflight_window=2)  # type: ignore[arg-type]
+        uplink = make_uplink(settings, outbox)
+        with structlog.testing.capture_logs() as logs:
+            async with running(uplink):
+                await eventually(lambda: outbox.depth == 0, 20, "every record acknowledged")
+    assert await outbox.count_quarantined() == 0 and uplink.throttled == 2
+    assert sorted(server.accepted()) == sorted(r.payload for r in backlog), "a record lost or sent twice"
+    times = [t for t, _, _ in server.publishes]
+    assert server.answered[1] - times[0] >= 1.45  # the second 0x97 came after the first backoff ended
+    resumed = times[2]
+    assert resumed - server.answered[1] >= 1.95, (
+        f"sent again {resumed - server.answered[1]:.2f} s after a 0x97 that came after the backoff")
+    warnings = [e for e in logs if e["event"] == "uplink.throttled"]
+    assert [w["backoff"] for w in warnings] == [1.0, 2.0], warnings
     assert uplink.reconnects == 0 and server.connections == 1
 
 

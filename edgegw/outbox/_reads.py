@@ -5,7 +5,8 @@ undecodable rows set aside for quarantine."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+import json
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import aiosqlite
@@ -50,8 +51,15 @@ class UplinkReads(Admission):
             # there is nothing left up to here, and the rows behind them would wait for the next connection.
             after_id = rows[-1][0]
 
-    async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int) -> list[Record]:
-        """Like :meth:`fetch_after` within one priority class and ids in (``after_id``, ``upto_id``]."""
+    async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int,
+                            skip_devices: Collection[str] = ()) -> list[Record]:
+        """Like :meth:`fetch_after` within one priority class and ids in (``after_id``, ``upto_id``], without the
+        records of ``skip_devices`` (the backfill's devices let go in this pass: their rows would be decoded on the
+        event loop only to be thrown away, a whole class of them for one device held by its pace)."""
+        # The device filter is an uncorrelated subquery (one ephemeral list per query): the plan stays the same
+        # walk of the primary key or of records_by_priority, the skipped rows never leave SQLite's thread.
+        skip = " AND device_id NOT IN (SELECT value FROM json_each(?))" if skip_devices else ""
+        devices = (json.dumps(list(skip_devices)),) if skip_devices else ()
         while True:
             gone = self._settled_ids()
             # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
@@ -60,7 +68,7 @@ class UplinkReads(Admission):
                 f"SELECT {_COLUMNS} FROM records"
                 f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
                 f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ?"
-                " AND id <= ? ORDER BY id LIMIT ?", (after_id, upto_id, limit + len(gone))
+                f" AND id <= ?{skip} ORDER BY id LIMIT ?", (after_id, upto_id, *devices, limit + len(gone))
             ) as cur:
                 rows = list(await cur.fetchall())
             gone |= self._settled_ids()

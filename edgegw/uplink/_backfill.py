@@ -7,7 +7,8 @@ next record waits until it is back to zero.
 
 Held records are bounded (``fetch_size``): past that, a held device's further records are read and let go
 ("spilled", the first such id noted per device) and the lane reads on, so the devices behind a long held backlog
-are not held with it. At the end of the class the lane reads it again from the first spilled id, taking only the
+are not held with it; a spilled device's further rows are left out of the pass's reads (in SQL: never decoded only
+to be let go). At the end of the class the lane reads it again from the first spilled id, taking only the
 spilled devices' records from their noted ids (the others were handed out already), once half of the held room is
 free; such a pass ends as soon as each of its devices was let go again. A device's records are never taken out of
 order (once spilled, all its later records of that pass are too).
@@ -88,8 +89,10 @@ class Backfill:
             if rewind is not None and self._spilled.keys() >= rewind.keys():
                 records = []  # every device this pass takes was let go again: the rest of it is for the next one
             else:
+                # Not the devices let go in this pass: send() would let their records go too (order), so reading
+                # them would only decode a held device's whole backlog, page by page, to throw it away.
                 records = await self.outbox.fetch_backlog(self._priority, self._cursor, self.boundary,
-                                                          self.fetch_size)
+                                                          self.fetch_size, self._spilled.keys())
             if records:
                 self._cursor = records[-1].id
                 if rewind is not None:  # again over the class: only what the last pass read and let go

@@ -255,15 +255,19 @@ class Uplink(Pump, Sending, Commands):
         sends nothing for a backoff: 1 s, doubled per backoff in a row up to 30 s, back to 1 s once a PUBACK said
         success since the last one ended. Then the pump sends what is not settled again, in order, as after a
         reconnect (:meth:`Pump._pump`). 0x97s for PUBLISHes already in flight fall in the same backoff: one log line
-        per backoff, never one per message."""
+        per backoff, never one per message. One that comes after the backoff ended, while the pump still waits for
+        the PUBLISHes in flight, is the upstream still throttling: it starts the next backoff in a row."""
         self.throttled += 1
-        if link.throttled_until:
+        now = time.monotonic()
+        if link.throttled_until > now:
             return
-        if self.acked != self._acked_at_resume:
+        # Past its deadline but not resumed yet (``throttled_until`` still set): nothing was sent since that backoff,
+        # so successes meanwhile are of PUBLISHes from before it and do not reset the step.
+        if not link.throttled_until and self.acked != self._acked_at_resume:
             self._throttle_step = 0
         delay = min(_THROTTLE_MAX, _THROTTLE_MIN * 2 ** self._throttle_step)
         self._throttle_step = min(self._throttle_step + 1, 30)
-        link.throttled_until = time.monotonic() + delay
+        link.throttled_until = now + delay
         self._log.warning("uplink.throttled", reason="PUBACK Quota exceeded (0x97)", backoff=delay,
                           records=records, inflight=len(link.inflight), throttled=self.throttled,
                           host=link.host, port=link.port)
