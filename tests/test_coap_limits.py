@@ -189,6 +189,37 @@ async def test_a_device_that_does_not_read_its_answers_is_not_read_either(tmp_pa
             tls.close()
 
 
+async def test_commands_to_an_observer_that_does_not_read_are_dropped_not_buffered(tmp_path: Path,
+                                                                                    fleet: Fleet) -> None:
+    """An observation keeps its connection from the idle sweep. A device that observes and then stops reading
+    must not make the gateway buffer every command for it: once its connection's write buffer is past the
+    high-water mark, notifications to it are dropped and counted, as MQTT drops QoS 0 deliveries to a backlogged
+    device."""
+    observe = aiocoap.Message(code=aiocoap.GET, uri_path=("ps", "cmd", "+"), observe=0)
+    observe.token = b"\x07"
+    async with running(tmp_path, fleet) as srv:
+        raw = socket.create_connection(("127.0.0.1", srv.port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tls = await asyncio.to_thread(_tls_client(fleet, "dev-06").wrap_socket, raw, server_hostname="127.0.0.1")
+        try:
+            tls.sendall(_serialize(aiocoap.Message(code=aiocoap.numbers.codes.CSM)) + _serialize(observe))
+            await _wait_for(lambda: len(srv.site.observers.get("dev-06", ())) == 1, "the observation")
+            conn = srv.site.observers["dev-06"][0].remote
+            assert conn is not None
+            conn._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            command = b"c" * 4000
+            for i in range(2000):  # 8 MB of commands for a device that reads none of them
+                srv.deliver_downlink("dev-06", f"devices/dev-06/cmd/{i % 7}", command, 0)
+                if i % 100 == 0:
+                    await asyncio.sleep(0.01)  # let the transport write what the socket takes
+            buffered = conn._transport.get_write_buffer_size()
+            assert buffered < 1_000_000, f"{buffered} bytes of notifications buffered for a device that does not read"
+            assert srv.stats.notifications_dropped_backlog > 0
+            assert srv.stats.notifications + srv.stats.notifications_dropped_backlog == 2000
+        finally:
+            tls.close()
+
+
 async def test_requests_pipelined_in_one_read_stay_within_max_inflight(tmp_path: Path, fleet: Fleet) -> None:
     """aiocoap frames and dispatches every message of a read at once: 2,000 POSTs written together were all awaiting
     their commit on one connection with max_inflight = 4. Past max_inflight the rest waits, unread by aiocoap, and

@@ -30,6 +30,8 @@ class _Observation:
     topic_filter: tuple[str, ...]
     pipe: Any
     seq: int = 0
+    remote: Any = None
+    """The coaps+tcp connection it came on (None over DTLS: UDP buffers nothing of ours)."""
 
 
 class Observing(RequestChecks):
@@ -52,10 +54,10 @@ class Observing(RequestChecks):
         if len(mine) >= self.settings.max_observations:
             raise Refused(Code.SERVICE_UNAVAILABLE, f"at most {self.settings.max_observations} observations",
                           max_age=self.settings.full_max_age)
-        obs = _Observation(device_id, tuple(topic_filter.split("/")), pipe)
+        conn = request.remote if hasattr(request.remote, "observing") else None
+        obs = _Observation(device_id, tuple(topic_filter.split("/")), pipe, remote=conn)
         mine.append(obs)
         self.stats.observations += 1
-        conn = request.remote if hasattr(request.remote, "observing") else None
         if conn is not None:
             conn.observing += 1
         log.info("coap.observe_started", device_id=device_id, topic_filter=topic_filter)
@@ -108,6 +110,11 @@ class Observing(RequestChecks):
         delivered = False
         for obs in list(mine):
             if not topic_matches(obs.topic_filter, parts):
+                continue
+            if obs.remote is not None and obs.remote._write_blocked:
+                # Its connection does not read what we write: not one more notification into that buffer (an
+                # observation keeps the connection from the idle sweep, so nothing else would bound it).
+                self.stats.notifications_dropped_backlog += 1
                 continue
             obs.seq = obs.seq + 1 if obs.seq < _OBSERVE_MAX else 1
             note = Message(code=Code.CONTENT, payload=payload, observe=obs.seq)

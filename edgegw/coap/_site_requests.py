@@ -33,6 +33,9 @@ class CoAPStats:
     commit_failed: int = 0
     observations: int = 0
     notifications: int = 0
+    notifications_dropped_backlog: int = 0
+    """Commands not written to an observer whose coaps+tcp connection does not read (write buffer past its
+    high-water mark), as MQTT drops QoS 0 deliveries to a backlogged device."""
 
 
 class Refused(Exception):
