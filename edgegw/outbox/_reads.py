@@ -34,22 +34,8 @@ class UplinkReads(Admission):
 
     async def fetch_after(self, after_id: int, limit: int) -> list[Record]:
         """Up to ``limit`` committed records with id > ``after_id``, oldest first, minus those being deleted."""
-        # A delete may commit while the query runs, and the read snapshot may predate it; an id acknowledged before
-        # the query started is in one of these sets at the start, so the union of both ends catches it.
-        while True:
-            gone = self._settled_ids()
-            # Rows being deleted still count against LIMIT in SQL; ask for that many more so a page is never short.
-            async with self._reader.execute(
-                f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit + len(gone))
-            ) as cur:
-                rows = list(await cur.fetchall())
-            gone |= self._settled_ids()
-            out = self._decode_rows(rows, gone, limit)
-            if out or not rows:
-                return out
-            # A page of rows all settled or undecodable (now quarantined): an empty answer would tell the uplink
-            # there is nothing left up to here, and the rows behind them would wait for the next connection.
-            after_id = rows[-1][0]
+        return await self._read_page(f"SELECT {_COLUMNS} FROM records WHERE id > ? ORDER BY id LIMIT ?",
+                                     after_id, (), limit)
 
     async def fetch_backlog(self, priority: int, after_id: int, upto_id: int, limit: int,
                             skip_devices: Collection[str] = ()) -> list[Record]:
@@ -60,22 +46,32 @@ class UplinkReads(Admission):
         # walk of the primary key or of records_by_priority, the skipped rows never leave SQLite's thread.
         skip = " AND device_id NOT IN (SELECT value FROM json_each(?))" if skip_devices else ""
         devices = (json.dumps(list(skip_devices)),) if skip_devices else ()
+        # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
+        # along the primary key.
+        return await self._read_page(
+            f"SELECT {_COLUMNS} FROM records"
+            f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
+            f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ?"
+            f" AND id <= ?{skip} ORDER BY id LIMIT ?", after_id, (upto_id, *devices), limit)
+
+    async def _read_page(self, sql: str, after_id: int, params: tuple[Any, ...], limit: int) -> list[Record]:
+        """Up to ``limit`` decoded records of ``sql`` (parameters: ``after_id``, ``params``, the LIMIT), minus
+        those settled. A delete may commit while the query runs, and the read snapshot may predate it; an id
+        acknowledged before the query started is in one of the settled sets at the start, so the union of both ends
+        catches it."""
         while True:
             gone = self._settled_ids()
-            # The class is a literal so SQLite can use the partial index (priority != 1); the default class is read
-            # along the primary key.
-            async with self._reader.execute(
-                f"SELECT {_COLUMNS} FROM records"
-                f"{'' if priority == 1 else ' INDEXED BY records_by_priority'}"
-                f" WHERE priority = {int(priority)}{'' if priority == 1 else ' AND priority != 1'} AND id > ?"
-                f" AND id <= ?{skip} ORDER BY id LIMIT ?", (after_id, upto_id, *devices, limit + len(gone))
-            ) as cur:
+            # Rows being deleted still count against LIMIT in SQL; ask for that many more so a page is never short.
+            async with self._reader.execute(sql, (after_id, *params, limit + len(gone))) as cur:
                 rows = list(await cur.fetchall())
             gone |= self._settled_ids()
             out = self._decode_rows(rows, gone, limit)
             if out or not rows:
                 return out
-            after_id = rows[-1][0]  # as in fetch_after: an empty answer would end the class here
+            # A page of rows all settled or undecodable (now quarantined): an empty answer would tell the uplink
+            # there is nothing left up to here (or end the class), and the rows behind would wait for the next
+            # connection.
+            after_id = rows[-1][0]
 
     async def quarantine_unclassed(self) -> int:
         """At open: quarantine the rows whose priority is no class (a damaged file). The backlog is read class by
