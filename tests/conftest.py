@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -161,8 +163,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPKI:
 # --- mosquitto ----------------------------------------------------------------------------------------------
 
 
+_NEXT_PORTS = itertools.count(random.randrange(10_000, 20_000))
+"""Ports handed out by :func:`free_port`: each test process walks up from its own random start, once."""
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that binds now, below the kernel's ephemeral range (``ip_local_port_range``, 32768-60999 by default).
+    A port found by binding to 0 comes from that range, where an outgoing connection (the gateway's own uplink, a
+    client of another test) may take it as its local port before the server binds it: EADDRINUSE, rarely, as a
+    gateway that failed to start. Walked in order, so one process never hands the same port out twice."""
+    for port in _NEXT_PORTS:
+        if port >= 32_768:
+            break
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (another process): the next
+            return port
+    with socket.socket() as s:  # the walk ran out (never in one suite): the kernel's choice, as before
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
