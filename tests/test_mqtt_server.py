@@ -291,27 +291,35 @@ async def test_a_refusal_decided_at_once_waits_for_the_puback_of_an_earlier_publ
         assert second == Puback(2, ReasonCode.NOT_AUTHORIZED)
 
 
-async def test_a_device_that_never_reads_cannot_grow_the_gateways_write_buffer(harness: Harness) -> None:
-    """Every PINGREQ (and PUBLISH, SUBSCRIBE, PUBREL) is answered; a device that writes them but never reads its
-    socket fills the kernel buffers, then our transport's. Past the transport's high-water mark the gateway must
-    stop reading that device (as it does for receive_maximum), not buffer its answers without bound."""
-    ctx = harness.fleet.device_context("dev-07")
+async def _small_window_client(harness: Harness, device_id: str, keepalive: int) -> tuple[RawClient, Any]:
+    """A raw MQTT 3.1.1 client over TLS, connected, with 4 KiB socket buffers on both ends (the receive side set
+    before connect, so the window stays small): what it does not read backs up into the gateway's transport at
+    once. Returns it and the gateway's DeviceProtocol for it."""
 
     def connect() -> RawClient:
         raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window stays small
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         raw.settimeout(5.0)
         raw.connect(("127.0.0.1", harness.server.port))
         c = RawClient.__new__(RawClient)
+        ctx = harness.fleet.device_context(device_id)
         c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
-        c.send(Connect(MQTT_311, "dev-07", True, 60))
+        c.send(Connect(MQTT_311, device_id, True, keepalive))
         assert isinstance(c.read(), Connack)
         return c
 
     c = await asyncio.to_thread(connect)
-    proto = harness.server.devices["dev-07"]
+    proto = harness.server.devices[device_id]
     assert proto.transport is not None
     proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return c, proto
+
+
+async def test_a_device_that_never_reads_cannot_grow_the_gateways_write_buffer(harness: Harness) -> None:
+    """Every PINGREQ (and PUBLISH, SUBSCRIBE, PUBREL) is answered; a device that writes them but never reads its
+    socket fills the kernel buffers, then our transport's. Past the transport's high-water mark the gateway must
+    stop reading that device (as it does for receive_maximum), not buffer its answers without bound."""
+    c, proto = await _small_window_client(harness, "dev-07", 60)
     pings = encode_packet(Pingreq(), MQTT_311) * (1 << 19)  # 1 MiB of PINGREQs, 2 MiB... of PINGRESPs: 1 MiB
 
     def flood() -> int:
@@ -489,23 +497,7 @@ async def test_a_device_that_stops_reading_altogether_is_closed_at_its_keepalive
     """The other side of the test above: reading paused for a device that takes none of our answers is no reason
     to keep it for ever (its TCP stack may acknowledge a zero window for as long as it likes): with no progress
     for 1.5 keep-alive periods it is closed, as a silent device is."""
-
-    def connect() -> RawClient:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.settimeout(5.0)
-        raw.connect(("127.0.0.1", harness.server.port))
-        c = RawClient.__new__(RawClient)
-        ctx = harness.fleet.device_context("dev-08")
-        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
-        c.send(Connect(MQTT_311, "dev-08", True, 1))
-        assert isinstance(c.read(), Connack)
-        return c
-
-    c = await asyncio.to_thread(connect)
-    proto = harness.server.devices["dev-08"]
-    assert proto.transport is not None
-    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c, proto = await _small_window_client(harness, "dev-08", 1)
     pings = encode_packet(Pingreq(), MQTT_311) * (1 << 18)
 
     def flood() -> None:
@@ -527,25 +519,13 @@ async def test_a_slow_reader_getting_deliveries_faster_than_it_reads_is_not_clos
     coming (they are written until ``max_queued_bytes``) faster than it reads, so the buffer grows although the
     device is reading. Its keep-alive must count what it takes (bytes handed to the socket), not whether the buffer
     shrank: it was closed for a keep-alive timeout while reading."""
+    c, proto = await _small_window_client(harness, "dev-09", 1)
 
-    def connect() -> RawClient:
-        raw = socket.socket()
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        raw.settimeout(5.0)
-        raw.connect(("127.0.0.1", harness.server.port))
-        c = RawClient.__new__(RawClient)
-        ctx = harness.fleet.device_context("dev-09")
-        c.sock, c.version, c.frames = ctx.wrap_socket(raw, server_hostname="localhost"), MQTT_311, FrameReader(1 << 20)
-        c.send(Connect(MQTT_311, "dev-09", True, 1))
-        assert isinstance(c.read(), Connack)
+    def subscribe() -> None:
         c.send(Subscribe(1, (("devices/dev-09/in/#", SubscriptionOptions(0)),)))
         assert isinstance(c.read(), Suback)
-        return c
 
-    c = await asyncio.to_thread(connect)
-    proto = harness.server.devices["dev-09"]
-    assert proto.transport is not None
-    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    await asyncio.to_thread(subscribe)
 
     def flood() -> None:  # PINGREQs until the gateway stops reading us (its answers pass the high-water mark)
         c.sock.settimeout(1.0)
