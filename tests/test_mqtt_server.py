@@ -707,17 +707,7 @@ async def test_subscribes_deferred_for_a_device_that_reads_nothing_end_at_its_ke
     device_id = "dev-05"
     for i in range(2000):
         harness.server.broker.route(Message(f"devices/{device_id}/r/{i}", b"v", 0, retain=True))
-
-    def connect() -> RawClient:
-        c = RawClient(harness.fleet.device_context(device_id), harness.server.port, MQTT_311)
-        c.send(Connect(MQTT_311, device_id, True, 2))
-        assert isinstance(c.read(), Connack)
-        return c
-
-    c = await asyncio.to_thread(connect)
-    proto = harness.server.devices[device_id]
-    assert proto.transport is not None
-    proto.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c, proto = await _small_window_client(harness, device_id, 2)
     await asyncio.to_thread(c.send, *(Subscribe(i + 1, ((f"devices/{device_id}/r/#", SubscriptionOptions(0)),))
                                       for i in range(50)))
     await until(lambda: proto._deferred is not None, 5, "the SUBSCRIBEs deferred")
